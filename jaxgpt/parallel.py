@@ -1,0 +1,82 @@
+"""Devices: one mesh with a `data` axis (batch sharded) and an `fsdp` axis (params sharded).
+
+One code path for 1 CPU, 1 GPU, 8 local devices and a multi-host TPU pod: `jax.jit` with
+NamedShardings; XLA inserts the collectives (gradient all-reduce, FSDP all-gathers).
+"""
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxgpt.errors import UserError
+
+BATCH_AXES = ("data", "fsdp")  # the batch is split over every device
+FSDP_MIN_SIZE = 2**14  # smaller tensors (biases, LayerNorms) stay replicated: not worth a gather
+
+
+def make_mesh(config, devices=None) -> Mesh:
+    """A (data, fsdp) mesh from `config.mesh` sizes; -1 takes all remaining devices."""
+    devices = jax.devices() if devices is None else devices
+    n = len(devices)
+    sizes = {"data": config.mesh.data, "fsdp": config.mesh.fsdp}
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise UserError("at most one of config.mesh.data / config.mesh.fsdp may be -1")
+    fixed = int(np.prod([v for v in sizes.values() if v != -1]))
+    if free:
+        if n % fixed:
+            raise UserError(f"{n} devices cannot be split into mesh axes {sizes}")
+        sizes[free[0]] = n // fixed
+    if sizes["data"] * sizes["fsdp"] != n:
+        raise UserError(f"config.mesh data={sizes['data']} x fsdp={sizes['fsdp']} must use all "
+                        f"{n} devices; set one of them to -1")
+    # Auto axes: XLA's sharding propagation places the collectives (classic GSPMD style)
+    return jax.make_mesh((sizes["data"], sizes["fsdp"]), ("data", "fsdp"), devices=devices,
+                         axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch(config, mesh: Mesh) -> None:
+    n = data_parallel_size(mesh)
+    if config.batch_size % n:
+        raise UserError(f"config.batch_size={config.batch_size} does not divide across {n} "
+                        f"data-parallel devices: use a multiple of {n}")
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
+    """Shard the batch axis (after `leading` unsharded axes) over every device."""
+    return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES))
+
+
+def fsdp_spec(shape, fsdp_size: int) -> P:
+    """Split a large tensor along its largest axis that fsdp divides; replicate the rest."""
+    if fsdp_size == 1 or int(np.prod(shape)) < FSDP_MIN_SIZE:
+        return P()
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % fsdp_size == 0:
+            return P(*[("fsdp" if a == axis else None) for a in range(len(shape))])
+    return P()
+
+
+def state_sharding(abstract_state, mesh: Mesh):
+    """Shardings for every leaf of a (train) state: FSDP-split large arrays, replicate others."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp)), abstract_state)
+
+
+def put_replicated(array: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host array (identical on every process) as a global array replicated on the mesh."""
+    sharding = replicated(mesh)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0

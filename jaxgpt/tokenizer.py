@@ -1,0 +1,91 @@
+"""Tokenizers: the lecture's character-level one, and GPT-2's BPE through tiktoken.
+
+Both encode str -> list[int] and decode list[int] -> str, and serialise to a small JSON dict so a
+workdir carries what sample.py needs to turn tokens back into text.
+"""
+
+import json
+from pathlib import Path
+
+from jaxgpt.errors import UserError
+
+
+class CharTokenizer:
+    """Every distinct character of the text, sorted, is one token (the lecture's stoi / itos)."""
+
+    kind = "char"
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
+        self.itos = dict(enumerate(self.chars))
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, s: str) -> list[int]:
+        unknown = sorted(set(s) - self.stoi.keys())
+        if unknown:
+            shown = ", ".join(repr(c) for c in unknown[:10])
+            raise UserError(f"text has characters outside the vocabulary: {shown} (the model "
+                            f"knows {self.vocab_size} characters); remove or replace them")
+        return [self.stoi[c] for c in s]
+
+    def decode(self, ids) -> str:
+        return "".join(self.itos[int(i)] for i in ids)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "chars": self.chars}
+
+
+class BPETokenizer:
+    """GPT-2's byte-pair encoding (50257 tokens) through tiktoken: any text encodes."""
+
+    kind = "gpt2"
+
+    def __init__(self):
+        try:
+            import tiktoken
+        except ImportError as e:
+            raise UserError("GPT-2 BPE needs tiktoken: pip install 'jaxgpt[bpe]'") from e
+        self._enc = tiktoken.get_encoding("gpt2")
+        self.eot_token = self._enc.eot_token
+
+    @property
+    def vocab_size(self) -> int:
+        return self._enc.n_vocab
+
+    def encode(self, s: str) -> list[int]:
+        return self._enc.encode(s, allowed_special={"<|endoftext|>"})
+
+    def decode(self, ids) -> str:
+        return self._enc.decode([int(i) for i in ids])
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind}
+
+
+def from_dict(d: dict):
+    if d.get("kind") == "char":
+        return CharTokenizer(d["chars"])
+    if d.get("kind") == "gpt2":
+        return BPETokenizer()
+    raise UserError(f"unknown tokenizer kind {d.get('kind')!r} in tokenizer JSON")
+
+
+def save(tokenizer, path) -> None:
+    Path(path).write_text(json.dumps(tokenizer.to_dict()))
+
+
+def load(path):
+    try:
+        return from_dict(json.loads(Path(path).read_text()))
+    except FileNotFoundError:
+        raise UserError(f"no tokenizer at {path}: is this a jaxgpt workdir?") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"tokenizer file {path} is not valid JSON ({e})") from None

@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny config on a small generated text, so every test runs in seconds."""
+
+import os
+
+import pytest
+
+from jaxgpt.config import base_config
+from jaxgpt.data import synthetic_text
+
+SHAKESPEARE = os.environ.get("JAXGPT_SHAKESPEARE", "")  # the real text, for opt-in slow tests
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "input.txt"
+    path.write_text(synthetic_text(20000))
+    return path
+
+
+def tiny(data_path="", **overrides):
+    """A 2-layer, 32-wide GPT config on `data_path`; overrides as keyword arguments."""
+    c = base_config()
+    c.dataset = "char"
+    c.data_path = str(data_path)
+    c.block_size, c.n_layer, c.n_head, c.n_embd = 16, 2, 4, 32
+    c.batch_size, c.max_iters, c.eval_interval, c.eval_iters = 8, 20, 10, 2
+    c.learning_rate, c.warmup_iters, c.lr_decay_iters, c.min_lr = 3e-3, 2, 20, 3e-4
+    c.log_interval, c.steps_per_call = 1, 5
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+@pytest.fixture
+def tiny_config(text_file):
+    return tiny(text_file)
