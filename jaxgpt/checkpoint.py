@@ -122,8 +122,10 @@ def restore(workdir_or_manager, abstract_state, step: int | None = None):
             raise UserError(f"no checkpoint for step {step} in {manager.directory} "
                             f"(have: {', '.join(map(str, sorted(steps)))})")
         steps = [step]
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # when none is given
     target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=getattr(x, "sharding", None) or one_device),
         _tree(abstract_state))
     for i, s in enumerate(steps):
         try:

@@ -76,6 +76,13 @@ def prefill(model, params, window, n):
     return jax.lax.dynamic_index_in_dim(logits, n - 1, axis=1, keepdims=False), cache  # (B, V)
 
 
+def start(model, params, window, n):
+    """The decode loop's first carry: the prompt's window prefilled. Compiled on its own; its
+    outputs carry the same shardings as decode_chunk's, so the loop never recompiles."""
+    logits, cache = prefill(model, params, window, n)
+    return cache, window, n, logits
+
+
 def decode_chunk(model, params, carry, steps_left, offset, rng, settings, *, chunk: int):
     """`chunk` decode steps as one lax.scan; returns the new carry and (B, chunk) tokens.
 
@@ -113,7 +120,7 @@ def decode_chunk(model, params, carry, steps_left, offset, rng, settings, *, chu
 @functools.lru_cache(maxsize=8)
 def _compiled(model, chunk: int):
     """The two jitted programs for a model; jax caches one executable per batch size."""
-    return (jax.jit(functools.partial(prefill, model)),
+    return (jax.jit(functools.partial(start, model)),
             jax.jit(functools.partial(decode_chunk, model, chunk=chunk)))
 
 
@@ -133,9 +140,8 @@ def generate_chunks(model, params, idx, max_new_tokens, *, rng, temperature=1.0,
     context = idx[:, -cfg.block_size:]  # nanoGPT: condition on at most block_size tokens
     n = context.shape[1]
     window = jnp.pad(context, ((0, 0), (0, cfg.block_size - n)))  # (B, block_size)
-    prefill_fn, decode_fn = _compiled(model, chunk)
-    logits, cache = prefill_fn(params, window, jnp.int32(n))
-    carry = (cache, window, jnp.int32(n), logits)
+    start_fn, decode_fn = _compiled(model, chunk)
+    carry = start_fn(params, window, jnp.int32(n))
     settings = _settings(temperature, top_k, top_p)
     done = 0
     while done < max_new_tokens:
@@ -161,10 +167,9 @@ def warmup(model, params, batch_size: int, chunk=CHUNK) -> float:
     """Compile the sampler for `batch_size` rows now; returns the seconds it took."""
     import time
     start = time.perf_counter()
-    prefill_fn, decode_fn = _compiled(model, chunk)
-    window = jnp.zeros((batch_size, model.config.block_size), jnp.int32)
-    logits, cache = prefill_fn(params, window, jnp.int32(1))
-    carry = (cache, window, jnp.int32(1), logits)
+    start_fn, decode_fn = _compiled(model, chunk)
+    carry = start_fn(params, jnp.zeros((batch_size, model.config.block_size), jnp.int32),
+                     jnp.int32(1))
     _, toks = decode_fn(params, carry, jnp.int32(0), jnp.int32(0), jax.random.PRNGKey(0),
                         _settings(1.0, None, None))  # every step idles
     toks.block_until_ready()
