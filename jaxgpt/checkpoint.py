@@ -50,9 +50,14 @@ def make_manager(workdir, keep_best: int = 1, *, read_only: bool = False):
         policies.LatestN(n=1),  # resume continues from here
         policies.BestN(get_metric_fn=_val_loss, reverse=True, n=keep_best),  # lowest val loss
     ])
+    # lightweight_initialize: don't read every step's metrics at start-up (one damaged file
+    # would make the whole directory unreadable); steps from earlier runs are then kept
+    # (no metrics in memory) rather than risk deleting a good one
     options = ocp.CheckpointManagerOptions(
         best_fn=_val_loss, best_mode="min", preservation_policy=keep, read_only=read_only,
-        enable_async_checkpointing=True, cleanup_tmp_directories=not read_only)
+        enable_async_checkpointing=True, cleanup_tmp_directories=not read_only,
+        lightweight_initialize=True, save_interval_steps=0 if read_only else 1,
+        create=not read_only)
     return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
 
 
@@ -80,7 +85,7 @@ def abstract_like(state):
 
 
 def is_finite(state) -> bool:
-    return bool(jnp.isfinite(optax.global_norm(state.params)))
+    return bool(jnp.isfinite(optax.tree.norm(state.params)))
 
 
 def save(manager, state, val_loss: float) -> bool:
@@ -143,9 +148,22 @@ def restore(workdir_or_manager, abstract_state, step: int | None = None):
         return abstract_state.replace(**tree), s
 
 
+def val_losses(workdir_or_manager) -> dict:
+    """{step: val loss} of the checkpoints whose metrics can be read."""
+    manager = _as_manager(workdir_or_manager)
+    losses = {}
+    for step in manager.all_steps():
+        try:
+            losses[step] = float(_val_loss(manager.metrics(step)))
+        except Exception:  # missing or damaged metrics: restore() reports a damaged step
+            continue
+    return losses
+
+
 def best_step(workdir_or_manager) -> int | None:
     """The step with the lowest val loss (sample.py's default), None if there is none."""
-    return _as_manager(workdir_or_manager).best_step()
+    losses = val_losses(workdir_or_manager)
+    return min(losses, key=losses.get) if losses else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,9 +236,7 @@ class RunCheckpoints:
         self.config = config
         self.workdir = Path(workdir)
         self.manager = make_manager(workdir, config.keep_best)
-        best = self.manager.best_step()
-        self.best_val = (math.inf if best is None
-                         else _val_loss(self.manager.metrics(best) or {"val_loss": math.inf}))
+        self.best_val = min(val_losses(self.manager).values(), default=math.inf)
 
     def start(self, state, tokenizer):
         """The state to train from: restored (init_from resume / auto with a checkpoint) or
