@@ -44,7 +44,7 @@ def read_prompt(start: str) -> str:
 
 def run():
     import jax
-    import jax.numpy as jnp
+    import numpy as np
 
     from jaxgpt import checkpoint, parallel, sampling, training
     from jaxgpt.model import make_model
@@ -77,7 +77,7 @@ def run():
     params = state.params
 
     compile_s = sampling.warmup(model, params, FLAGS.num_samples)
-    idx = jnp.tile(jnp.asarray(ids, jnp.int32)[None], (FLAGS.num_samples, 1))  # (B, T)
+    idx = np.tile(np.asarray(ids, np.int32)[None], (FLAGS.num_samples, 1))  # (B, T)
     start = time.perf_counter()
     chunks = sampling.generate_chunks(
         model, params, idx, FLAGS.max_new_tokens, rng=jax.random.PRNGKey(FLAGS.seed),
@@ -85,11 +85,11 @@ def run():
     if FLAGS.num_samples == 1:  # stream: print each chunk as it arrives
         sys.stdout.write(prompt)
         for toks in chunks:
-            sys.stdout.write(tokenizer.decode(jax.device_get(toks)[0]))
+            sys.stdout.write(tokenizer.decode(toks[0]))
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:
-        new = jax.device_get(jnp.concatenate(list(chunks), axis=1))  # (B, max_new_tokens)
+        new = np.concatenate(list(chunks), axis=1)  # (B, max_new_tokens)
         for row in new:
             print(prompt + tokenizer.decode(row))
             print("---------------")

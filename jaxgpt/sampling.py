@@ -14,6 +14,7 @@ no cached key stays valid: each step past the window re-prefills the last block_
 
 import functools
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -131,15 +132,16 @@ def _settings(temperature, top_k, top_p):
 
 def generate_chunks(model, params, idx, max_new_tokens, *, rng, temperature=1.0, top_k=None,
                     top_p=None, chunk=CHUNK):
-    """Like `generate`, but yields the new tokens as they are produced: (B, <= chunk) arrays."""
+    """Like `generate`, but yields the new tokens as they are produced: (B, <= chunk) numpy
+    arrays. Host-side work is numpy, so no shape-dependent eager op compiles per call."""
     cfg = model.config
     check_settings(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p)
-    idx = jnp.asarray(idx, jnp.int32)
+    idx = np.asarray(idx, np.int32)
     if idx.ndim != 2 or idx.shape[1] == 0:
         raise UserError(f"idx has shape {idx.shape}: pass (B, T) token ids with T >= 1")
     context = idx[:, -cfg.block_size:]  # nanoGPT: condition on at most block_size tokens
     n = context.shape[1]
-    window = jnp.pad(context, ((0, 0), (0, cfg.block_size - n)))  # (B, block_size)
+    window = np.pad(context, ((0, 0), (0, cfg.block_size - n)))  # (B, block_size)
     start_fn, decode_fn = _compiled(model, chunk)
     carry = start_fn(params, window, jnp.int32(n))
     settings = _settings(temperature, top_k, top_p)
@@ -147,7 +149,7 @@ def generate_chunks(model, params, idx, max_new_tokens, *, rng, temperature=1.0,
     while done < max_new_tokens:
         left = max_new_tokens - done
         carry, toks = decode_fn(params, carry, jnp.int32(left), jnp.int32(done), rng, settings)
-        yield toks[:, :min(chunk, left)]
+        yield np.asarray(toks)[:, :min(chunk, left)]
         done += chunk
 
 
@@ -160,20 +162,39 @@ def generate(model, params, idx, max_new_tokens, *, rng, temperature=1.0, top_k=
     """
     new = list(generate_chunks(model, params, idx, max_new_tokens, rng=rng,
                                temperature=temperature, top_k=top_k, top_p=top_p))
-    return jnp.concatenate([jnp.asarray(idx, jnp.int32)] + new, axis=1)
+    return jnp.asarray(np.concatenate([np.asarray(idx, np.int32)] + new, axis=1))
 
 
 def warmup(model, params, batch_size: int, chunk=CHUNK) -> float:
     """Compile the sampler for `batch_size` rows now; returns the seconds it took."""
-    import time
     start = time.perf_counter()
     start_fn, decode_fn = _compiled(model, chunk)
-    carry = start_fn(params, jnp.zeros((batch_size, model.config.block_size), jnp.int32),
+    carry = start_fn(params, np.zeros((batch_size, model.config.block_size), np.int32),
                      jnp.int32(1))
     _, toks = decode_fn(params, carry, jnp.int32(0), jnp.int32(0), jax.random.PRNGKey(0),
                         _settings(1.0, None, None))  # every step idles
     toks.block_until_ready()
     return time.perf_counter() - start
+
+
+def time_generate(model, params, *, batch_size=1, prompt_len=1, max_new_tokens=500,
+                  naive=False, seed=0) -> dict:
+    """Time one sampling run (after a warm-up run that compiles): tokens/s, seconds, compile
+    seconds. `naive` times the full-recompute loop instead (compile = its warm-up run)."""
+    idx = jnp.zeros((batch_size, prompt_len), jnp.int32)
+    run = functools.partial(generate_naive if naive else generate, model, params, idx,
+                            max_new_tokens, rng=jax.random.PRNGKey(seed))
+    start = time.perf_counter()
+    if naive:
+        run().block_until_ready()
+    else:
+        warmup(model, params, batch_size)
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    run().block_until_ready()
+    seconds = time.perf_counter() - start
+    return {"tokens_per_sec": batch_size * max_new_tokens / seconds, "seconds": seconds,
+            "compile_seconds": compile_s}
 
 
 # ---------------------------------------------------------------------------------------------
