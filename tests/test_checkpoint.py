@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -201,3 +202,43 @@ def test_sample_cli_bad_input_is_one_line(trained, args, message):
 def test_sample_cli_on_a_directory_without_checkpoints(tmp_path):
     r = sample("--workdir", str(tmp_path))
     assert r.returncode == 1 and r.stderr.startswith("error: no config.json")
+
+
+SHARDED = """
+import sys
+import jax, numpy as np
+from conftest import tiny
+from jaxgpt import checkpoint, parallel, training
+from jaxgpt.model import make_model
+workdir = sys.argv[1]
+def state_on(devices, fsdp, seed):
+    config = tiny(n_embd=128, seed=seed)
+    config.mesh.fsdp = fsdp
+    mesh = parallel.make_mesh(config, devices)
+    return training.create_train_state(config, make_model(config, 18), mesh)
+big = state_on(jax.devices(), 4, 0)  # 8 devices: data 2 x fsdp 4
+assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
+           for x in jax.tree.leaves(big.params))
+manager = checkpoint.make_manager(workdir)
+checkpoint.save(manager, big.replace(step=big.step + 5), 1.0)
+manager.wait_until_finished()
+one = state_on(jax.devices()[:1], 1, 1)
+restored, _ = checkpoint.restore(workdir, checkpoint.abstract_like(one))
+for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(big.replace(step=big.step + 5))):
+    assert len(a.sharding.device_set) == 1
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+back, _ = checkpoint.restore(workdir, checkpoint.abstract_like(state_on(jax.devices(), 4, 2)))
+for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(big.params)):
+    assert a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+print("ok")
+"""
+
+
+def test_restore_across_device_counts(tmp_path):
+    """Saved from 8 devices (FSDP-sharded params), restored on 1 device and back onto 8."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    r = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
