@@ -72,8 +72,8 @@ def prefill(model, params, window, n):
     """Run the (B, block_size) window (n real tokens, then padding) through the model with a
     fresh cache. Returns the logits after the n-th token (B, V) and the filled cache; padding
     positions see only earlier tokens (causal) and their cache slots are overwritten later."""
-    logits, cache = model.apply({"params": params}, window, cache=init_cache(model, window.shape[0]),
-                                pos=0)  # (B, block_size, V)
+    cache = init_cache(model, window.shape[0])
+    logits, cache = model.apply({"params": params}, window, cache=cache, pos=0)  # (B, bs, V)
     return jax.lax.dynamic_index_in_dim(logits, n - 1, axis=1, keepdims=False), cache  # (B, V)
 
 
