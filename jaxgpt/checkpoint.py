@@ -114,8 +114,8 @@ def restore(workdir_or_manager, abstract_state, step: int | None = None):
 
     `abstract_state` is a TrainState (or dict of its fields) of arrays or ShapeDtypeStructs
     with `.sharding` (jax.eval_shape + parallel.state_sharding, or `abstract_like(state)`):
-    a checkpoint written on 8 devices restores onto 1 and back. An unreadable latest step
-    falls back to the previous one with a warning. Returns (state, step).
+    a checkpoint written on 8 devices restores onto 1 and back. An unreadable step falls back
+    to the next newest one with a warning. Returns (state, step).
     """
     manager = _as_manager(workdir_or_manager)
     steps = sorted(manager.all_steps(), reverse=True)
@@ -126,7 +126,7 @@ def restore(workdir_or_manager, abstract_state, step: int | None = None):
         if step not in steps:
             raise UserError(f"no checkpoint for step {step} in {manager.directory} "
                             f"(have: {', '.join(map(str, sorted(steps)))})")
-        steps = [step]
+        steps = [step] + [s for s in steps if s != step]
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # when none is given
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,

@@ -147,6 +147,8 @@ def test_corrupt_latest_falls_back_with_a_warning(tmp_path, capsys):
     restored, step = checkpoint.restore(tmp_path, checkpoint.abstract_like(state))
     assert step == 2 and int(restored.step) == 2
     assert "step 3 cannot be read" in capsys.readouterr().err
+    _, step = checkpoint.restore(tmp_path, checkpoint.abstract_like(state), step=3)
+    assert step == 2  # asked for the damaged one: the next newest good one, with a warning
     corrupt(tmp_path / "checkpoints" / "2")
     with pytest.raises(UserError, match="cannot be read"):
         checkpoint.restore(tmp_path, checkpoint.abstract_like(state))
