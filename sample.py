@@ -2,7 +2,7 @@
 
   python sample.py --workdir runs/shakespeare [--start TEXT|FILE:path] [--num_samples N]
       [--max_new_tokens N] [--temperature T] [--top_k K] [--top_p P] [--seed S]
-      [--checkpoint best|latest] [--quiet]
+      [--slide K] [--checkpoint best|latest] [--quiet]
 
 The workdir's config.json and tokenizer.json say which model and vocabulary; the checkpoint
 with the lowest val loss is used unless --checkpoint=latest.
@@ -25,6 +25,8 @@ flags.DEFINE_integer("top_k", None, "Sample only among the k most likely tokens 
                      "nanoGPT's 200 is all of a character vocabulary).")
 flags.DEFINE_float("top_p", None, "Sample only within the nucleus of probability top_p.")
 flags.DEFINE_integer("seed", 1337, "Random seed.")
+flags.DEFINE_integer("slide", 1, "Past block_size, drop this many oldest tokens at once: 1 is "
+                     "nanoGPT's exact window; larger is faster (fewer recomputations).")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Lowest val loss, or the newest.")
 flags.DEFINE_bool("quiet", False, "Do not report token counts and timing on stderr.")
 flags.mark_flags_as_required(["workdir"])
@@ -60,7 +62,7 @@ def run():
         raise UserError(f"--num_samples={FLAGS.num_samples}: must be a positive integer")
     # every check on the user's input before anything compiles
     sampling.check_settings(model.config.vocab_size, FLAGS.max_new_tokens, FLAGS.temperature,
-                            top_k, FLAGS.top_p)
+                            top_k, FLAGS.top_p, FLAGS.slide, model.config.block_size)
     prompt = read_prompt(FLAGS.start)
     if not prompt:
         raise UserError("--start is empty: give at least one character (the default is a newline)")
@@ -81,7 +83,7 @@ def run():
     start = time.perf_counter()
     chunks = sampling.generate_chunks(
         model, params, idx, FLAGS.max_new_tokens, rng=jax.random.PRNGKey(FLAGS.seed),
-        temperature=FLAGS.temperature, top_k=top_k, top_p=FLAGS.top_p)
+        temperature=FLAGS.temperature, top_k=top_k, top_p=FLAGS.top_p, slide=FLAGS.slide)
     if FLAGS.num_samples == 1:  # stream: print each chunk as it arrives
         sys.stdout.write(prompt)
         for toks in chunks:

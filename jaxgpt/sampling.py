@@ -10,6 +10,9 @@ Past block_size tokens we keep nanoGPT's semantics: condition on the last block_
 learned absolute position embeddings every token's position changes when the window slides, so
 no cached key stays valid: each step past the window re-prefills the last block_size tokens
 (a `lax.switch` branch inside the scan). That is exact, and as costly per token as nanoGPT's.
+`slide=k` (opt-in, not nanoGPT's semantics) drops the oldest k tokens at once instead, so the
+re-prefill happens once per k tokens and the context holds between block_size-k+1 and
+block_size tokens.
 """
 
 import functools
@@ -27,7 +30,7 @@ CHUNK = 64  # decode steps per compiled call: streaming granularity; idle steps 
 
 
 def check_settings(vocab_size: int, max_new_tokens: int, temperature=1.0, top_k=None,
-                   top_p=None) -> None:
+                   top_p=None, slide=1, block_size=None) -> None:
     """UserError for settings no sampler can use (sample.py calls it before compiling)."""
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
         raise UserError(f"max_new_tokens={max_new_tokens}: must be a positive integer")
@@ -38,6 +41,9 @@ def check_settings(vocab_size: int, max_new_tokens: int, temperature=1.0, top_k=
                         f"{vocab_size} (or unset)")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise UserError(f"top_p={top_p}: must be in (0, 1] (or unset)")
+    if block_size is not None and not 1 <= slide <= block_size:
+        raise UserError(f"slide={slide}: must be between 1 (nanoGPT's window) and block_size "
+                        f"{block_size}")
 
 
 def filter_logits(logits, temperature, top_k, top_p):
@@ -84,14 +90,15 @@ def start(model, params, window, n):
     return cache, window, n, logits
 
 
-def decode_chunk(model, params, carry, steps_left, offset, rng, settings, *, chunk: int):
+def decode_chunk(model, params, carry, steps_left, offset, rng, settings, slide, *,
+                 chunk: int):
     """`chunk` decode steps as one lax.scan; returns the new carry and (B, chunk) tokens.
 
     carry = (cache, window (B, block_size), n: tokens in the window, logits (B, V) for the next
     token). Step i samples a token, then, unless it was the last wanted (i >= steps_left - 1):
-    writes it at slot n and runs one cached step, or, with the window full, slides the window
-    and re-prefills it (positions have all shifted). Token keys are fold_in(rng, offset + i),
-    so the chunking never changes the samples.
+    writes it at slot n and runs one cached step, or, with the window full, drops its oldest
+    `slide` tokens and re-prefills it (positions have all shifted). Token keys are
+    fold_in(rng, offset + i), so the chunking never changes the samples.
     """
     block_size = carry[1].shape[1]
 
@@ -103,8 +110,10 @@ def decode_chunk(model, params, carry, steps_left, offset, rng, settings, *, chu
         logits, cache = model.apply({"params": params}, tok[:, None], cache=cache, pos=n)
         return cache, window, n + 1, logits[:, -1]  # (B, V)
 
-    def slide(cache, window, n, tok):  # nanoGPT's idx[:, -block_size:], recomputed in full
-        window = jnp.concatenate([window[:, 1:], tok[:, None]], axis=1)  # (B, block_size)
+    def shift(cache, window, n, tok):  # slide=1: nanoGPT's idx[:, -block_size:], recomputed
+        n = block_size - slide + 1  # the newest block_size - slide tokens, then tok
+        window = jnp.roll(window, -slide, axis=1)  # (B, block_size) oldest tokens to the end
+        window = jax.lax.dynamic_update_slice(window, tok[:, None], (0, n - 1))  # (B, bs)
         logits, cache = prefill(model, params, window, n)
         return cache, window, n, logits
 
@@ -112,7 +121,7 @@ def decode_chunk(model, params, carry, steps_left, offset, rng, settings, *, chu
         cache, window, n, logits = carry
         tok = sample_token(logits, jax.random.fold_in(rng, offset + i), settings)  # (B,)
         branch = jnp.where(i >= steps_left - 1, 0, jnp.where(n < block_size, 1, 2))
-        return jax.lax.switch(branch, (idle, append, slide), cache, window, n, tok), tok
+        return jax.lax.switch(branch, (idle, append, shift), cache, window, n, tok), tok
 
     carry, toks = jax.lax.scan(step, carry, jnp.arange(chunk))  # toks (chunk, B)
     return carry, toks.T  # (B, chunk)
@@ -131,11 +140,12 @@ def _settings(temperature, top_k, top_p):
 
 
 def generate_chunks(model, params, idx, max_new_tokens, *, rng, temperature=1.0, top_k=None,
-                    top_p=None, chunk=CHUNK):
+                    top_p=None, slide=1, chunk=CHUNK):
     """Like `generate`, but yields the new tokens as they are produced: (B, <= chunk) numpy
     arrays. Host-side work is numpy, so no shape-dependent eager op compiles per call."""
     cfg = model.config
-    check_settings(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p)
+    check_settings(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p, slide,
+                   cfg.block_size)
     idx = np.asarray(idx, np.int32)
     if idx.ndim != 2 or idx.shape[1] == 0:
         raise UserError(f"idx has shape {idx.shape}: pass (B, T) token ids with T >= 1")
@@ -148,20 +158,22 @@ def generate_chunks(model, params, idx, max_new_tokens, *, rng, temperature=1.0,
     done = 0
     while done < max_new_tokens:
         left = max_new_tokens - done
-        carry, toks = decode_fn(params, carry, jnp.int32(left), jnp.int32(done), rng, settings)
+        carry, toks = decode_fn(params, carry, jnp.int32(left), jnp.int32(done), rng, settings,
+                                jnp.int32(slide))
         yield np.asarray(toks)[:, :min(chunk, left)]
         done += chunk
 
 
 def generate(model, params, idx, max_new_tokens, *, rng, temperature=1.0, top_k=None,
-             top_p=None):
+             top_p=None, slide=1):
     """Continue each row of idx (B, T) by max_new_tokens tokens -> (B, T + max_new_tokens).
 
     temperature=0 is greedy; top_k / top_p restrict sampling to the k most likely tokens /
-    the nucleus of probability mass top_p. `rng` is a jax.random key.
+    the nucleus of probability mass top_p. `rng` is a jax.random key. `slide` > 1 trades
+    nanoGPT's exact window for speed past block_size (see the module docstring).
     """
     new = list(generate_chunks(model, params, idx, max_new_tokens, rng=rng,
-                               temperature=temperature, top_k=top_k, top_p=top_p))
+                               temperature=temperature, top_k=top_k, top_p=top_p, slide=slide))
     return jnp.asarray(np.concatenate([np.asarray(idx, np.int32)] + new, axis=1))
 
 
@@ -172,18 +184,19 @@ def warmup(model, params, batch_size: int, chunk=CHUNK) -> float:
     carry = start_fn(params, np.zeros((batch_size, model.config.block_size), np.int32),
                      jnp.int32(1))
     _, toks = decode_fn(params, carry, jnp.int32(0), jnp.int32(0), jax.random.PRNGKey(0),
-                        _settings(1.0, None, None))  # every step idles
+                        _settings(1.0, None, None), jnp.int32(1))  # every step idles
     toks.block_until_ready()
     return time.perf_counter() - start
 
 
 def time_generate(model, params, *, batch_size=1, prompt_len=1, max_new_tokens=500,
-                  naive=False, seed=0) -> dict:
+                  naive=False, seed=0, slide=1) -> dict:
     """Time one sampling run (after a warm-up run that compiles): tokens/s, seconds, compile
     seconds. `naive` times the full-recompute loop instead (compile = its warm-up run)."""
     idx = jnp.zeros((batch_size, prompt_len), jnp.int32)
     run = functools.partial(generate_naive if naive else generate, model, params, idx,
-                            max_new_tokens, rng=jax.random.PRNGKey(seed))
+                            max_new_tokens, rng=jax.random.PRNGKey(seed),
+                            **({} if naive else {"slide": slide}))
     start = time.perf_counter()
     if naive:
         run().block_until_ready()

@@ -192,6 +192,7 @@ def test_sample_cli_end_to_end(trained):
     (["--temperature", "-1"], "temperature"),
     (["--max_new_tokens", "0"], "max_new_tokens"),
     (["--top_p", "1.5"], "top_p"),
+    (["--slide", "0"], "slide"),
     (["--start", "FILE:/no/such/file"], "cannot read"),
 ])
 def test_sample_cli_bad_input_is_one_line(trained, args, message):

@@ -138,6 +138,7 @@ def test_filters_inside_the_compiled_loop():
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(slide=BLOCK + 1), "slide"),
 ])
 def test_bad_settings_raise_user_errors(kwargs, message):
     model, params = make("fused")
@@ -152,3 +153,20 @@ def test_empty_prompt_is_a_user_error():
     with pytest.raises(UserError, match="idx"):
         sampling.generate(model, params, jnp.zeros((1, 0), jnp.int32), 3,
                           rng=jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("kind", ["fused", "heads"])
+@pytest.mark.parametrize("slide", [2, BLOCK // 2, BLOCK])
+def test_slide_k_equals_its_naive_rule(kind, slide):
+    """slide=k (opt-in): when the window is full, drop the oldest k tokens, then continue."""
+    model, params = make(kind)
+    idx = jax.random.randint(jax.random.PRNGKey(5), (2, 3), 0, VOCAB)
+    got = sampling.generate(model, params, idx, 4 * BLOCK, rng=jax.random.PRNGKey(1),
+                            temperature=0, slide=slide)
+    context, out = idx, idx
+    for _ in range(4 * BLOCK):
+        tok = jnp.argmax(model.apply({"params": params}, context)[:, -1], -1)[:, None]
+        out = jnp.concatenate([out, tok], axis=1)
+        context = jnp.concatenate([context[:, slide:] if context.shape[1] == BLOCK else context,
+                                   tok], axis=1)
+    np.testing.assert_array_equal(got, out)
