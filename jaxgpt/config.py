@@ -13,7 +13,7 @@ ATTENTIONS = ("fused", "heads")  # one batched op (exercise 1, nanoGPT) | one `H
 ATTENTION_IMPLS = ("softmax", "xla", "cudnn")  # explicit softmax | jax.nn.dot_product_attention
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 DTYPES = ("float32", "bfloat16", "float16")
-INIT_FROM = ("scratch", "resume")
+INIT_FROM = ("auto", "scratch", "resume")  # auto: resume if WORKDIR has a checkpoint
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_interval = 1
     c.steps_per_call = 1  # optimizer steps per compiled call (lax.scan): no Python between them
     c.seed = 1337
-    c.init_from = "scratch"
+    c.init_from = "auto"  # scratch refuses a workdir with checkpoints; resume requires one
     c.always_save_checkpoint = True
     c.keep_best = 1
     # devices: sizes of the mesh axes, -1 = all remaining devices

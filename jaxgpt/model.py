@@ -101,6 +101,23 @@ def causal_mask(T: int) -> jax.Array:
     return jnp.tril(jnp.ones((T, T), dtype=bool))
 
 
+def cached_mask(T: int, pos, S: int) -> jax.Array:
+    """(T, S): query t (at position pos + t) may look at cache slots <= pos + t.
+
+    Slots past the current position hold stale or padding keys; the mask hides them until
+    they are overwritten, so one fixed-shape cache serves every length.
+    """
+    return (pos + jnp.arange(T))[:, None] >= jnp.arange(S)[None, :]
+
+
+def update_cache(cache, k, v, pos, axis: int):
+    """Write the new k, v (T positions) into the fixed-shape (k, v) cache at slot `pos`."""
+    k_cache, v_cache = cache
+    k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis)
+    v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos, axis)
+    return k, v
+
+
 def weighted_average(x: jax.Array) -> jax.Array:
     """The lecture's "mathematical trick": every token averages itself and all earlier tokens.
 
@@ -136,7 +153,9 @@ class Head(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, cache=None, pos=0):
+        """x (B, T, C) -> (B, T, hs); with `cache` ((B, block_size, hs) k and v, the keys and
+        values of positions < pos), x holds positions pos.. and it returns (out, new cache)."""
         cfg = self.config
         T = x.shape[1]
         key = _dense(cfg, cfg.head_size, "key", use_bias=False)
@@ -145,6 +164,11 @@ class Head(nn.Module):
         k = linear(key, x)  # (B, T, hs)
         q = linear(query, x)  # (B, T, hs)
         v = linear(value, x)  # (B, T, hs)
+        if cache is not None:  # sampling: attend to every cached position up to our own
+            k, v = update_cache(cache, k, v, pos, axis=1)  # (B, block_size, hs) each
+            out = masked_softmax_attention(q, k, v, cached_mask(T, pos, cfg.block_size),
+                                           nn.Dropout(cfg.dropout), True)  # (B, T, hs)
+            return out, (k, v)
         # scaled by head_size ** -0.5 (the lecture's fix: the head size, not C)
         return masked_softmax_attention(q, k, v, causal_mask(T), nn.Dropout(cfg.dropout),
                                         deterministic)  # (B, T, hs)
@@ -156,13 +180,19 @@ class MultiHeadAttention(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, cache=None, pos=0):
         cfg = self.config
         heads = [Head(cfg, name=f"heads_{i}") for i in range(cfg.n_head)]
-        out = jnp.concatenate([h(x, deterministic) for h in heads], axis=-1)  # (B, T, C)
+        if cache is None:
+            out = jnp.concatenate([h(x, deterministic) for h in heads], axis=-1)  # (B, T, C)
+        else:  # head i owns slice i of the (B, nh, block_size, hs) cache
+            outs = [h(x, True, (cache[0][:, i], cache[1][:, i]), pos) for i, h in enumerate(heads)]
+            out = jnp.concatenate([o for o, _ in outs], axis=-1)  # (B, T, C)
+            cache = tuple(jnp.stack([c[j] for _, c in outs], axis=1) for j in (0, 1))
         proj = _dense(cfg, cfg.n_embd, "c_proj", use_bias=cfg.bias, std=_residual_std(cfg))
         out = linear(proj, out)  # (B, T, C) the lecture's `proj`
-        return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
+        out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
+        return out if cache is None else (out, cache)
 
 
 class CausalSelfAttention(nn.Module):
@@ -171,17 +201,30 @@ class CausalSelfAttention(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, cache=None, pos=0):
         cfg = self.config
         B, T, C = x.shape
         nh, hs = cfg.n_head, cfg.head_size
         qkv = linear(_dense(cfg, 3 * C, "c_attn", use_bias=cfg.bias), x)  # (B, T, 3C)
         q, k, v = jnp.split(qkv, 3, axis=-1)  # 3 x (B, T, C), each head's columns side by side
         q, k, v = (t.reshape(B, T, nh, hs) for t in (q, k, v))  # (B, T, nh, hs)
-        y = self.attend(q, k, v, deterministic)  # (B, T, nh, hs)
+        if cache is None:
+            y = self.attend(q, k, v, deterministic)  # (B, T, nh, hs)
+        else:
+            y, cache = self.attend_cached(q, k, v, cache, pos)  # (B, T, nh, hs)
         y = y.reshape(B, T, C)  # re-assemble all head outputs side by side
         y = linear(_dense(cfg, C, "c_proj", use_bias=cfg.bias, std=_residual_std(cfg)), y)
-        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)  # (B, T, C)
+        y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)  # (B, T, C)
+        return y if cache is None else (y, cache)
+
+    def attend_cached(self, q, k, v, cache, pos):
+        """Sampling: write k, v at slot `pos` of the (B, nh, block_size, hs) cache, attend to
+        every slot up to each query's position. Explicit softmax: at one query it is a matvec."""
+        q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        k, v = update_cache(cache, k, v, pos, axis=2)  # (B, nh, block_size, hs) each
+        mask = cached_mask(q.shape[2], pos, self.config.block_size)  # (T, block_size)
+        y = masked_softmax_attention(q, k, v, mask, nn.Dropout(0.0), True)  # (B, nh, T, hs)
+        return jnp.swapaxes(y, 1, 2), (k, v)  # (B, T, nh, hs)
 
     def attend(self, q, k, v, deterministic):
         """(B, T, nh, hs) q, k, v -> (B, T, nh, hs) causal attention output."""
@@ -225,13 +268,18 @@ class Block(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, cache=None, pos=0):
         cfg = self.config
         attention = CausalSelfAttention if cfg.attention == "fused" else MultiHeadAttention
+        attn = attention(cfg, name="attn")
         # pre-LayerNorm, and residual connections: x + f(ln(x)) keeps a clean gradient path
-        x = x + attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x), deterministic)  # (B, T, C)
+        if cache is None:
+            x = x + attn(_layer_norm(cfg, "ln_1")(x), deterministic)  # (B, T, C)
+        else:
+            a, cache = attn(_layer_norm(cfg, "ln_1")(x), deterministic, cache, pos)
+            x = x + a  # (B, T, C)
         x = x + FeedForward(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x), deterministic)  # (B, T, C)
-        return x
+        return x if cache is None else (x, cache)
 
 
 class GPT(nn.Module):
@@ -240,7 +288,12 @@ class GPT(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, idx, deterministic: bool = True):
+    def __call__(self, idx, deterministic: bool = True, cache=None, pos=0):
+        """idx (B, T) -> logits (B, T, vocab).
+
+        Sampling passes `cache` (see `init_cache`): idx then holds positions pos..pos+T-1, its
+        keys and values are written into the cache, and the call returns (logits, new cache).
+        """
         cfg = self.config
         B, T = idx.shape
         if T > cfg.block_size:
@@ -252,18 +305,24 @@ class GPT(nn.Module):
         wpe = nn.Embed(cfg.block_size, cfg.n_embd, embedding_init=init,
                        dtype=cfg.compute_dtype, name="wpe")
         tok_emb = wte(idx)  # (B, T, C)
-        pos_emb = wpe(jnp.arange(T))  # (T, C)
+        pos_emb = wpe(pos + jnp.arange(T))  # (T, C)
         x = nn.Dropout(cfg.dropout)(tok_emb + pos_emb, deterministic=deterministic)  # (B, T, C)
         block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
+        new_cache = []
         for i in range(cfg.n_layer):
-            x = block(cfg, name=f"h_{i}")(x, deterministic)  # (B, T, C)
+            if cache is None:
+                x = block(cfg, name=f"h_{i}")(x, deterministic)  # (B, T, C)
+            else:
+                x, layer_cache = block(cfg, name=f"h_{i}")(x, deterministic, cache[i], pos)
+                new_cache.append(layer_cache)
         x = _layer_norm(cfg, "ln_f")(x)  # (B, T, C)
         if cfg.tie_weights:  # the output layer reuses the token embedding (nanoGPT, GPT-2)
             logits = wte.attend(x.reshape(B * T, -1)).reshape(B, T, -1)  # (B, T, vocab)
         else:
             lm_head = _dense(cfg, cfg.vocab_size, "lm_head", use_bias=False)
             logits = linear(lm_head, x)  # (B, T, vocab)
-        return logits.astype(jnp.float32)  # softmax and loss in float32 whatever the compute dtype
+        logits = logits.astype(jnp.float32)  # softmax and loss in float32 whatever the dtype
+        return logits if cache is None else (logits, tuple(new_cache))
 
 
 class BigramLanguageModel(nn.Module):
@@ -272,11 +331,26 @@ class BigramLanguageModel(nn.Module):
     config: GPTConfig  # only vocab_size is used
 
     @nn.compact
-    def __call__(self, idx, deterministic: bool = True):
+    def __call__(self, idx, deterministic: bool = True, cache=None, pos=0):
         V = self.config.vocab_size
         table = nn.Embed(V, V, embedding_init=nn.initializers.normal(1.0),
                          name="token_embedding_table")
-        return table(idx).astype(jnp.float32)  # (B, T, vocab)
+        logits = table(idx).astype(jnp.float32)  # (B, T, vocab)
+        return logits if cache is None else (logits, cache)  # no context: the cache stays ()
+
+
+def init_cache(model: nn.Module, batch_size: int):
+    """The KV cache sampling passes through `model.apply(..., cache=, pos=)` as a value.
+
+    One (k, v) pair per layer, each (B, n_head, block_size, head_size) in the compute dtype;
+    () for the bigram model, which looks at one token only.
+    """
+    if isinstance(model, BigramLanguageModel):
+        return ()
+    cfg = model.config
+    shape = (batch_size, cfg.n_head, cfg.block_size, cfg.head_size)
+    return tuple((jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+                 for _ in range(cfg.n_layer))
 
 
 def make_model(config, vocab_size: int) -> nn.Module:

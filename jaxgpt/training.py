@@ -17,6 +17,7 @@ import optax
 from flax.training import train_state
 from tqdm import tqdm
 
+from jaxgpt import checkpoint
 from jaxgpt import config as config_lib
 from jaxgpt import data as data_lib
 from jaxgpt import optim, parallel
@@ -160,6 +161,10 @@ def train(config, workdir) -> TrainState:
     mesh = parallel.make_mesh(config)
     parallel.check_batch(config, mesh)
     state = create_train_state(config, model, mesh)
+    ckpt = checkpoint.RunCheckpoints(config, workdir)
+    state, resumed = ckpt.start(state, dataset.tokenizer)  # resumed: the restored step or None
+    if resumed is not None:
+        say(f"resuming from the checkpoint of step {resumed} in {workdir}")
     say(f"number of parameters: {count_params(state.params) / 1e6:.2f}M "
         f"(devices: {mesh.devices.size} {jax.devices()[0].platform}, mesh {dict(mesh.shape)})")
 
@@ -197,11 +202,13 @@ def train(config, workdir) -> TrainState:
     pending = None  # (first step, metrics on device) of the call in flight
     last = time.perf_counter()
     while True:
-        if step % config.eval_interval == 0 or step == config.max_iters:
+        at_eval = step % config.eval_interval == 0 or step == config.max_iters
+        if at_eval and step != resumed:  # a resumed step was evaluated and saved already
             if pending is not None:  # drain before evaluating, so logs stay in step order
                 log(pending[0], jax.device_get(pending[1]), time.perf_counter() - last)
                 pending = None
-            run_eval(step)
+            losses = run_eval(step)
+            ckpt.after_eval(state, losses, final=step == config.max_iters)
             last = time.perf_counter()
         if step >= config.max_iters:
             break
@@ -217,4 +224,5 @@ def train(config, workdir) -> TrainState:
         step += n
         bar.update(n)
     bar.close()
+    ckpt.close()  # wait for the async checkpoint writes
     return state

@@ -1,0 +1,273 @@
+"""Checkpoints: an orbax CheckpointManager in WORKDIR/checkpoints, and the run's config and
+tokenizer as JSON beside it, so a workdir is everything sample.py needs.
+
+Layout:  WORKDIR/config.json  WORKDIR/tokenizer.json  WORKDIR/checkpoints/<step>/...
+
+A checkpoint holds the TrainState's arrays (step, params, opt_state, rng) and the val loss as
+its metric. Kept: the `keep_best` lowest val losses plus the latest (for resume). Orbax writes a
+step into a temporary directory and renames it when complete, and deletes old steps only after
+that, so a crash mid-write never destroys the last good checkpoint.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from jaxgpt import config as config_lib
+from jaxgpt import parallel
+from jaxgpt import tokenizer as tokenizers
+from jaxgpt.errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+# keys that shape the params or the optimizer state: a resume must keep them
+MODEL_KEYS = ("model", "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias",
+              "attention", "tie_weights")
+STATE_FIELDS = ("step", "params", "opt_state", "rng")
+
+
+def _warn(message: str) -> None:
+    if parallel.is_main_process():
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def _val_loss(metrics) -> float:
+    return metrics["val_loss"]
+
+
+def make_manager(workdir, keep_best: int = 1, *, read_only: bool = False):
+    """The orbax manager of WORKDIR/checkpoints: async saves, best `keep_best` + latest kept."""
+    keep = policies.AnyPreservationPolicy([
+        policies.LatestN(n=1),  # resume continues from here
+        policies.BestN(get_metric_fn=_val_loss, reverse=True, n=keep_best),  # lowest val loss
+    ])
+    # lightweight_initialize: don't read every step's metrics at start-up (one damaged file
+    # would make the whole directory unreadable); steps from earlier runs are then kept
+    # (no metrics in memory) rather than risk deleting a good one
+    options = ocp.CheckpointManagerOptions(
+        best_fn=_val_loss, best_mode="min", preservation_policy=keep, read_only=read_only,
+        enable_async_checkpointing=True, cleanup_tmp_directories=not read_only,
+        lightweight_initialize=True, save_interval_steps=0 if read_only else 1,
+        create=not read_only)
+    return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
+
+
+def _as_manager(workdir_or_manager):
+    if isinstance(workdir_or_manager, ocp.CheckpointManager):
+        return workdir_or_manager
+    directory = Path(workdir_or_manager) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        raise UserError(f"no checkpoint in {workdir_or_manager}: train one with "
+                        f"python train.py --config ... --workdir {workdir_or_manager}")
+    return make_manager(workdir_or_manager, read_only=True)
+
+
+def _tree(state) -> dict:
+    """The arrays of a TrainState (or of a dict with the same fields) that a checkpoint holds."""
+    if isinstance(state, dict):
+        return {k: state[k] for k in STATE_FIELDS}
+    return {k: getattr(state, k) for k in STATE_FIELDS}
+
+
+def abstract_like(state):
+    """ShapeDtypeStructs carrying the shardings of a live state: a restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        state)
+
+
+def is_finite(state) -> bool:
+    return bool(jnp.isfinite(optax.tree.norm(state.params)))
+
+
+def save(manager, state, val_loss: float) -> bool:
+    """Start an async save of `state` at its step (returns once the arrays are on the host).
+
+    Refuses non-finite states (a diverged run must not replace a good checkpoint) and steps
+    that already exist (a resumed run re-reaching its start step).
+    """
+    step = int(state.step)
+    if step in manager.all_steps():
+        return False
+    if not math.isfinite(val_loss) or not is_finite(state):
+        _warn(f"not saving step {step}: its val loss or params are not finite")
+        return False
+    tree = _tree(state)
+    if jax.devices()[0].platform == "cpu":
+        # on CPU the "copy to host" is a view of the device buffer, and the next train step
+        # donates (overwrites) it while the write is still running: save a copy instead
+        tree = jax.tree.map(jnp.copy, tree)
+    return manager.save(step, args=ocp.args.StandardSave(tree),
+                        metrics={"val_loss": float(val_loss)}, force=True)
+
+
+def restore(workdir_or_manager, abstract_state, step: int | None = None):
+    """Restore the latest (or the given) step into `abstract_state`'s shapes and shardings.
+
+    `abstract_state` is a TrainState (or dict of its fields) of arrays or ShapeDtypeStructs
+    with `.sharding` (jax.eval_shape + parallel.state_sharding, or `abstract_like(state)`):
+    a checkpoint written on 8 devices restores onto 1 and back. An unreadable step falls back
+    to the next newest one with a warning. Returns (state, step).
+    """
+    manager = _as_manager(workdir_or_manager)
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise UserError(f"{manager.directory} holds no checkpoint: is it a jaxgpt workdir's "
+                        "checkpoints directory?")
+    if step is not None:
+        if step not in steps:
+            raise UserError(f"no checkpoint for step {step} in {manager.directory} "
+                            f"(have: {', '.join(map(str, sorted(steps)))})")
+        steps = [step] + [s for s in steps if s != step]
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # when none is given
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=getattr(x, "sharding", None) or one_device),
+        _tree(abstract_state))
+    for i, s in enumerate(steps):
+        try:
+            tree = manager.restore(s, args=ocp.args.StandardRestore(target))
+        except Exception as e:  # orbax raises many types for a damaged step directory
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            if i + 1 == len(steps):
+                raise UserError(f"checkpoint {manager.directory / str(s)} cannot be read "
+                                f"({reason}); no older good checkpoint to fall back to") from e
+            _warn(f"checkpoint step {s} cannot be read ({reason}); falling back to step "
+                  f"{steps[i + 1]}")
+            continue
+        if isinstance(abstract_state, dict):
+            return tree, s
+        return abstract_state.replace(**tree), s
+
+
+def val_losses(workdir_or_manager) -> dict:
+    """{step: val loss} of the checkpoints whose metrics can be read."""
+    manager = _as_manager(workdir_or_manager)
+    losses = {}
+    for step in manager.all_steps():
+        try:
+            losses[step] = float(_val_loss(manager.metrics(step)))
+        except Exception:  # missing or damaged metrics: restore() reports a damaged step
+            continue
+    return losses
+
+
+def best_step(workdir_or_manager) -> int | None:
+    """The step with the lowest val loss (sample.py's default), None if there is none."""
+    losses = val_losses(workdir_or_manager)
+    return min(losses, key=losses.get) if losses else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's config and tokenizer, beside the checkpoints
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # never a half-written file where a good one was
+
+
+def write_run_info(workdir, config, tokenizer) -> None:
+    if parallel.is_main_process():
+        workdir = Path(workdir)
+        _write_atomic(workdir / CONFIG_FILE, config.to_json(indent=2))
+        _write_atomic(workdir / TOKENIZER_FILE, json.dumps(tokenizer.to_dict()))
+
+
+def load_config(workdir) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with (keys added since take their defaults)."""
+    path = Path(workdir) / CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"no {CONFIG_FILE} in {workdir}: is it a jaxgpt workdir (made by "
+                        "train.py --workdir)?") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+    config = config_lib.base_config()
+    for key, value in saved.items():
+        config[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+    return config
+
+
+def load_tokenizer(workdir):
+    return tokenizers.load(Path(workdir) / TOKENIZER_FILE)
+
+
+def check_compatible(workdir, config, tokenizer) -> None:
+    """UserError naming the keys when `config` cannot continue the workdir's checkpoints."""
+    saved = load_config(workdir)
+    differ = [f"{k} ({saved[k]!r} -> {config[k]!r})" for k in MODEL_KEYS
+              if saved.get(k) != config.get(k)]
+    if (saved.grad_clip > 0) != (config.grad_clip > 0):  # clipping adds an optimizer state
+        differ.append(f"grad_clip ({saved.grad_clip} -> {config.grad_clip})")
+    if load_tokenizer(workdir).to_dict() != tokenizer.to_dict():
+        differ.append("the dataset's vocabulary (tokenizer)")
+    if differ:
+        raise UserError(f"cannot resume from {workdir}: the config differs from its checkpoint "
+                        f"in {'; '.join(differ)}; use the same model config, or a new --workdir")
+    changed = [k for k in config.keys() if k not in MODEL_KEYS and k != "init_from"
+               and saved.get(k) != config.get(k)]
+    if changed:
+        _warn(f"resuming with changed settings: {', '.join(changed)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop's hooks
+
+
+class RunCheckpoints:
+    """What train() needs: resume or start, then save after each eval, then wait for writes.
+
+    nanoGPT's `always_save_checkpoint`: True saves at every eval; False saves only evals that
+    improve the val loss, plus the final step (so a finished run can be extended exactly).
+    """
+
+    def __init__(self, config, workdir):
+        self.config = config
+        self.workdir = Path(workdir)
+        self.manager = make_manager(workdir, config.keep_best)
+        self.best_val = min(val_losses(self.manager).values(), default=math.inf)
+
+    def start(self, state, tokenizer):
+        """The state to train from: restored (init_from resume / auto with a checkpoint) or
+        the fresh `state`. Returns (state, resumed step or None)."""
+        latest = self.manager.latest_step()
+        init_from = self.config.init_from
+        if init_from == "scratch" and latest is not None:
+            raise UserError(f"{self.workdir} already holds a checkpoint (step {latest}) and "
+                            "init_from=scratch would overwrite it: resume with "
+                            "--config.init_from=resume, or use a new --workdir")
+        if init_from == "resume" and latest is None:
+            raise UserError(f"init_from=resume but {self.workdir} holds no checkpoint: train "
+                            "from scratch first (init_from=scratch or auto)")
+        resumed = None
+        if latest is not None:
+            check_compatible(self.workdir, self.config, tokenizer)
+            state, resumed = restore(self.manager, abstract_like(state))
+        write_run_info(self.workdir, self.config, tokenizer)
+        return state, resumed
+
+    def after_eval(self, state, losses: dict, *, final: bool) -> bool:
+        """Save per always_save_checkpoint (never step 0, as nanoGPT); True if it saved."""
+        val = losses["val"]
+        improved = val < self.best_val
+        if int(state.step) == 0 or not (self.config.always_save_checkpoint or improved or final):
+            return False
+        saved = save(self.manager, state, val)
+        if saved and improved:
+            self.best_val = val
+        return saved
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,243 @@
+"""Sampling: a KV cache, a prefill of the prompt, a compiled `lax.scan` decode loop.
+
+nanoGPT's `generate` re-runs the whole context through the model for every new token. Here the
+keys and values of past positions live in a fixed-shape cache passed in and out as a value, so a
+decode step reads one token; one compilation serves every prompt length and any number of new
+tokens (the prompt is padded to block_size, its length is a traced value; decoding runs as scans
+of CHUNK steps, the last one idling past the end).
+
+Past block_size tokens we keep nanoGPT's semantics: condition on the last block_size tokens. With
+learned absolute position embeddings every token's position changes when the window slides, so
+no cached key stays valid: each step past the window re-prefills the last block_size tokens
+(a `lax.switch` branch inside the scan). That is exact, and as costly per token as nanoGPT's.
+`slide=k` (opt-in, not nanoGPT's semantics) drops the oldest k tokens at once instead, so the
+re-prefill happens once per k tokens and the context holds between block_size-k+1 and
+block_size tokens.
+"""
+
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgpt.errors import UserError
+from jaxgpt.model import init_cache
+
+CHUNK = 64  # decode steps per compiled call: streaming granularity; idle steps are cheap
+
+
+def check_settings(vocab_size: int, max_new_tokens: int, temperature=1.0, top_k=None,
+                   top_p=None, slide=1, block_size=None) -> None:
+    """UserError for settings no sampler can use (sample.py calls it before compiling)."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
+        raise UserError(f"max_new_tokens={max_new_tokens}: must be a positive integer")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise UserError(f"top_k={top_k}: must be between 1 and the vocabulary size "
+                        f"{vocab_size} (or unset)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p={top_p}: must be in (0, 1] (or unset)")
+    if block_size is not None and not 1 <= slide <= block_size:
+        raise UserError(f"slide={slide}: must be between 1 (nanoGPT's window) and block_size "
+                        f"{block_size}")
+
+
+def filter_logits(logits, temperature, top_k, top_p):
+    """(B, V) logits -> (B, V) logits / temperature, -inf outside the top-k and the nucleus.
+
+    All three settings are traced values (top_k=0 and top_p=1 mean off), so changing them does
+    not recompile. Ties with the k-th / last nucleus logit are kept.
+    """
+    V = logits.shape[-1]
+    logits = logits / jnp.where(temperature > 0, temperature, 1.0)  # (B, V)
+    sorted_logits = -jnp.sort(-logits, axis=-1)  # (B, V) descending
+    k = jnp.where(top_k > 0, top_k, V)
+    sorted_logits = jnp.where(jnp.arange(V) < k, sorted_logits, -jnp.inf)  # (B, V) top-k only
+    # nucleus: the smallest prefix of the sorted tokens whose probability reaches top_p
+    probs = jax.nn.softmax(sorted_logits, axis=-1)  # (B, V)
+    before = jnp.cumsum(probs, axis=-1) - probs  # (B, V) mass of strictly better tokens
+    keep = (before < top_p) | (top_p >= 1.0)  # (B, V) the best token is always kept
+    keep &= sorted_logits > -jnp.inf
+    n_keep = keep.sum(axis=-1, keepdims=True)  # (B, 1)
+    threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)  # (B, 1)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)  # (B, V)
+
+
+def sample_token(logits, key, settings):
+    """(B, V) logits -> (B,) next tokens; temperature 0 is greedy (argmax of the raw logits)."""
+    temperature, top_k, top_p = settings
+    sampled = jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p))
+    return jnp.where(temperature == 0, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+
+
+def prefill(model, params, window, n):
+    """Run the (B, block_size) window (n real tokens, then padding) through the model with a
+    fresh cache. Returns the logits after the n-th token (B, V) and the filled cache; padding
+    positions see only earlier tokens (causal) and their cache slots are overwritten later."""
+    cache = init_cache(model, window.shape[0])
+    logits, cache = model.apply({"params": params}, window, cache=cache, pos=0)  # (B, bs, V)
+    return jax.lax.dynamic_index_in_dim(logits, n - 1, axis=1, keepdims=False), cache  # (B, V)
+
+
+def start(model, params, window, n):
+    """The decode loop's first carry: the prompt's window prefilled. Compiled on its own; its
+    outputs carry the same shardings as decode_chunk's, so the loop never recompiles."""
+    logits, cache = prefill(model, params, window, n)
+    return cache, window, n, logits
+
+
+def decode_chunk(model, params, carry, steps_left, offset, rng, settings, slide, *,
+                 chunk: int):
+    """`chunk` decode steps as one lax.scan; returns the new carry and (B, chunk) tokens.
+
+    carry = (cache, window (B, block_size), n: tokens in the window, logits (B, V) for the next
+    token). Step i samples a token, then, unless it was the last wanted (i >= steps_left - 1):
+    writes it at slot n and runs one cached step, or, with the window full, drops its oldest
+    `slide` tokens and re-prefills it (positions have all shifted). Token keys are
+    fold_in(rng, offset + i), so the chunking never changes the samples.
+    """
+    block_size = carry[1].shape[1]
+
+    def idle(cache, window, n, tok):
+        return cache, window, n, jnp.zeros_like(carry[3])
+
+    def append(cache, window, n, tok):  # the cache's case: one token through the model
+        window = jax.lax.dynamic_update_slice(window, tok[:, None], (0, n))  # (B, block_size)
+        logits, cache = model.apply({"params": params}, tok[:, None], cache=cache, pos=n)
+        return cache, window, n + 1, logits[:, -1]  # (B, V)
+
+    def shift(cache, window, n, tok):  # slide=1: nanoGPT's idx[:, -block_size:], recomputed
+        n = block_size - slide + 1  # the newest block_size - slide tokens, then tok
+        window = jnp.roll(window, -slide, axis=1)  # (B, block_size) oldest tokens to the end
+        window = jax.lax.dynamic_update_slice(window, tok[:, None], (0, n - 1))  # (B, bs)
+        logits, cache = prefill(model, params, window, n)
+        return cache, window, n, logits
+
+    def step(carry, i):
+        cache, window, n, logits = carry
+        tok = sample_token(logits, jax.random.fold_in(rng, offset + i), settings)  # (B,)
+        branch = jnp.where(i >= steps_left - 1, 0, jnp.where(n < block_size, 1, 2))
+        return jax.lax.switch(branch, (idle, append, shift), cache, window, n, tok), tok
+
+    carry, toks = jax.lax.scan(step, carry, jnp.arange(chunk))  # toks (chunk, B)
+    return carry, toks.T  # (B, chunk)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(model, chunk: int):
+    """The two jitted programs for a model; jax caches one executable per batch size."""
+    return (jax.jit(functools.partial(start, model)),
+            jax.jit(functools.partial(decode_chunk, model, chunk=chunk)))
+
+
+def _settings(temperature, top_k, top_p):
+    return (jnp.float32(temperature), jnp.int32(top_k or 0),
+            jnp.float32(1.0 if top_p is None else top_p))
+
+
+def generate_chunks(model, params, idx, max_new_tokens, *, rng, temperature=1.0, top_k=None,
+                    top_p=None, slide=1, chunk=CHUNK):
+    """Like `generate`, but yields the new tokens as they are produced: (B, <= chunk) numpy
+    arrays. Host-side work is numpy, so no shape-dependent eager op compiles per call."""
+    cfg = model.config
+    check_settings(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p, slide,
+                   cfg.block_size)
+    idx = np.asarray(idx, np.int32)
+    if idx.ndim != 2 or idx.shape[1] == 0:
+        raise UserError(f"idx has shape {idx.shape}: pass (B, T) token ids with T >= 1")
+    context = idx[:, -cfg.block_size:]  # nanoGPT: condition on at most block_size tokens
+    n = context.shape[1]
+    window = np.pad(context, ((0, 0), (0, cfg.block_size - n)))  # (B, block_size)
+    start_fn, decode_fn = _compiled(model, chunk)
+    carry = start_fn(params, window, jnp.int32(n))
+    settings = _settings(temperature, top_k, top_p)
+    done = 0
+    while done < max_new_tokens:
+        left = max_new_tokens - done
+        carry, toks = decode_fn(params, carry, jnp.int32(left), jnp.int32(done), rng, settings,
+                                jnp.int32(slide))
+        yield np.asarray(toks)[:, :min(chunk, left)]
+        done += chunk
+
+
+def generate(model, params, idx, max_new_tokens, *, rng, temperature=1.0, top_k=None,
+             top_p=None, slide=1):
+    """Continue each row of idx (B, T) by max_new_tokens tokens -> (B, T + max_new_tokens).
+
+    temperature=0 is greedy; top_k / top_p restrict sampling to the k most likely tokens /
+    the nucleus of probability mass top_p. `rng` is a jax.random key. `slide` > 1 trades
+    nanoGPT's exact window for speed past block_size (see the module docstring).
+    """
+    new = list(generate_chunks(model, params, idx, max_new_tokens, rng=rng,
+                               temperature=temperature, top_k=top_k, top_p=top_p, slide=slide))
+    return jnp.asarray(np.concatenate([np.asarray(idx, np.int32)] + new, axis=1))
+
+
+def warmup(model, params, batch_size: int, chunk=CHUNK) -> float:
+    """Compile the sampler for `batch_size` rows now; returns the seconds it took."""
+    start = time.perf_counter()
+    start_fn, decode_fn = _compiled(model, chunk)
+    carry = start_fn(params, np.zeros((batch_size, model.config.block_size), np.int32),
+                     jnp.int32(1))
+    _, toks = decode_fn(params, carry, jnp.int32(0), jnp.int32(0), jax.random.PRNGKey(0),
+                        _settings(1.0, None, None), jnp.int32(1))  # every step idles
+    toks.block_until_ready()
+    return time.perf_counter() - start
+
+
+def time_generate(model, params, *, batch_size=1, prompt_len=1, max_new_tokens=500,
+                  naive=False, seed=0, slide=1) -> dict:
+    """Time one sampling run (after a warm-up run that compiles): tokens/s, seconds, compile
+    seconds. `naive` times the full-recompute loop instead (compile = its warm-up run)."""
+    idx = jnp.zeros((batch_size, prompt_len), jnp.int32)
+    run = functools.partial(generate_naive if naive else generate, model, params, idx,
+                            max_new_tokens, rng=jax.random.PRNGKey(seed),
+                            **({} if naive else {"slide": slide}))
+    start = time.perf_counter()
+    if naive:
+        run().block_until_ready()
+    else:
+        warmup(model, params, batch_size)
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    run().block_until_ready()
+    seconds = time.perf_counter() - start
+    return {"tokens_per_sec": batch_size * max_new_tokens / seconds, "seconds": seconds,
+            "compile_seconds": compile_s}
+
+
+# ---------------------------------------------------------------------------------------------
+# The baseline: nanoGPT's loop, every step re-running the context through the model
+
+
+@functools.lru_cache(maxsize=8)
+def _forward(model):
+    return jax.jit(lambda params, idx: model.apply({"params": params}, idx))
+
+
+def generate_naive(model, params, idx, max_new_tokens, *, rng, temperature=1.0, top_k=None,
+                   top_p=None):
+    """nanoGPT's generate: a Python loop of full forwards over the last block_size tokens.
+
+    The forward is jitted on contexts padded to a power of two (log2(block_size) compilations,
+    cost growing with the context as nanoGPT's), and tokens use the same keys as `generate`:
+    the reference the cached sampler is tested and timed against.
+    """
+    cfg = model.config
+    check_settings(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p)
+    idx = jnp.asarray(idx, jnp.int32)
+    settings = _settings(temperature, top_k, top_p)
+    forward = _forward(model)
+    for i in range(max_new_tokens):
+        context = idx[:, -cfg.block_size:]  # (B, t)
+        t = context.shape[1]
+        padded = min(cfg.block_size, 1 << (t - 1).bit_length())
+        context = jnp.pad(context, ((0, 0), (0, padded - t)))  # (B, padded)
+        logits = forward(params, context)[:, t - 1]  # (B, V)
+        tok = sample_token(logits, jax.random.fold_in(rng, i), settings)  # (B,)
+        idx = jnp.concatenate([idx, tok[:, None]], axis=1)  # (B, T + i + 1)
+    return idx

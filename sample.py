@@ -1,0 +1,118 @@
+"""Sample from a trained jaxgpt workdir.
+
+  python sample.py --workdir runs/shakespeare [--start TEXT|FILE:path] [--num_samples N]
+      [--max_new_tokens N] [--temperature T] [--top_k K] [--top_p P] [--seed S]
+      [--slide K] [--checkpoint best|latest] [--quiet]
+
+The workdir's config.json and tokenizer.json say which model and vocabulary; the checkpoint
+with the lowest val loss is used unless --checkpoint=latest.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags, logging
+
+from jaxgpt.errors import UserError
+
+flags.DEFINE_string("workdir", None, "A workdir written by train.py.")
+flags.DEFINE_string("start", "\n", "Prompt text, or FILE:path to read it from a file.")
+flags.DEFINE_integer("num_samples", 1, "Number of samples, drawn in parallel.")
+flags.DEFINE_integer("max_new_tokens", 500, "Tokens to generate per sample.")
+flags.DEFINE_float("temperature", 0.8, "1.0 = the model's distribution, < 1 sharper, 0 greedy.")
+flags.DEFINE_integer("top_k", None, "Sample only among the k most likely tokens (default: all; "
+                     "nanoGPT's 200 is all of a character vocabulary).")
+flags.DEFINE_float("top_p", None, "Sample only within the nucleus of probability top_p.")
+flags.DEFINE_integer("seed", 1337, "Random seed.")
+flags.DEFINE_integer("slide", 1, "Past block_size, drop this many oldest tokens at once: 1 is "
+                     "nanoGPT's exact window; larger is faster (fewer recomputations).")
+flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Lowest val loss, or the newest.")
+flags.DEFINE_bool("quiet", False, "Do not report token counts and timing on stderr.")
+flags.mark_flags_as_required(["workdir"])
+FLAGS = flags.FLAGS
+
+
+def read_prompt(start: str) -> str:
+    """nanoGPT's --start: the text itself, or FILE:path."""
+    if not start.startswith("FILE:"):
+        return start
+    path = Path(start[len("FILE:"):]).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--start={start}: cannot read {path} ({e})") from None
+
+
+def run():
+    import jax
+    import numpy as np
+
+    from jaxgpt import checkpoint, parallel, sampling, training
+    from jaxgpt.model import make_model
+
+    workdir = FLAGS.workdir
+    if not Path(workdir).is_dir():
+        raise UserError(f"--workdir={workdir}: no such directory")
+    config = checkpoint.load_config(workdir)
+    tokenizer = checkpoint.load_tokenizer(workdir)
+    model = make_model(config, tokenizer.vocab_size)
+    top_k = FLAGS.top_k
+    if FLAGS.num_samples <= 0:
+        raise UserError(f"--num_samples={FLAGS.num_samples}: must be a positive integer")
+    # every check on the user's input before anything compiles
+    sampling.check_settings(model.config.vocab_size, FLAGS.max_new_tokens, FLAGS.temperature,
+                            top_k, FLAGS.top_p, FLAGS.slide, model.config.block_size)
+    prompt = read_prompt(FLAGS.start)
+    if not prompt:
+        raise UserError("--start is empty: give at least one character (the default is a newline)")
+    ids = tokenizer.encode(prompt)
+
+    # restore params into the shapes of a fresh state (nothing is initialised for real)
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    mesh = jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1], axis_types=auto)
+    abstract = jax.eval_shape(lambda: training.create_train_state(config, model, mesh))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, parallel.state_sharding(abstract, mesh))
+    step = checkpoint.best_step(workdir) if FLAGS.checkpoint == "best" else None
+    state, step = checkpoint.restore(workdir, abstract, step)  # None: the latest
+    params = state.params
+
+    compile_s = sampling.warmup(model, params, FLAGS.num_samples)
+    idx = np.tile(np.asarray(ids, np.int32)[None], (FLAGS.num_samples, 1))  # (B, T)
+    start = time.perf_counter()
+    chunks = sampling.generate_chunks(
+        model, params, idx, FLAGS.max_new_tokens, rng=jax.random.PRNGKey(FLAGS.seed),
+        temperature=FLAGS.temperature, top_k=top_k, top_p=FLAGS.top_p, slide=FLAGS.slide)
+    if FLAGS.num_samples == 1:  # stream: print each chunk as it arrives
+        sys.stdout.write(prompt)
+        for toks in chunks:
+            sys.stdout.write(tokenizer.decode(toks[0]))
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        new = np.concatenate(list(chunks), axis=1)  # (B, max_new_tokens)
+        for row in new:
+            print(prompt + tokenizer.decode(row))
+            print("---------------")
+    seconds = time.perf_counter() - start
+    sys.stdout.flush()
+    if not FLAGS.quiet:
+        n = FLAGS.num_samples * FLAGS.max_new_tokens
+        print(f"checkpoint step {step}: {n} tokens in {seconds:.2f} s, {n / seconds:.1f} "
+              f"tokens/s (compile {compile_s:.2f} s, not included)", file=sys.stderr)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.ERROR)  # hide orbax's read-only notices
+    try:
+        run()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,250 @@
+"""Checkpoints: round trip, resume == uninterrupted, keep-best, errors; sample.py end to end."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny
+from jaxgpt import checkpoint, parallel, training
+from jaxgpt.data import synthetic_text
+from jaxgpt.errors import UserError
+from jaxgpt.model import make_model
+from jaxgpt.tokenizer import CharTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fresh_state(config, vocab_size=18):
+    model = make_model(config, vocab_size)
+    return training.create_train_state(config, model, parallel.make_mesh(config))
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def save_steps(workdir, state, val_losses, keep_best=1):
+    manager = checkpoint.make_manager(workdir, keep_best)
+    for step, val in enumerate(val_losses, start=1):
+        checkpoint.save(manager, state.replace(step=jnp.asarray(step, state.step.dtype)), val)
+    manager.wait_until_finished()
+    return manager
+
+
+def losses(workdir):
+    """[(event, step, loss)] from metrics.jsonl, in order."""
+    events = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").open()]
+    return [(e["event"], e["step"], e.get("loss", e.get("val_loss"))) for e in events]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run of 20 steps (checkpoints at 10 and 20), and its data file."""
+    root = tmp_path_factory.mktemp("run")
+    (root / "input.txt").write_text(synthetic_text(20000))
+    training.train(tiny(root / "input.txt"), root / "straight")
+    return root
+
+
+def test_round_trip_restores_every_array(tmp_path):
+    config = tiny()
+    state = fresh_state(config)
+    state = state.replace(step=jnp.asarray(7, state.step.dtype),
+                          rng=jax.random.PRNGKey(42))
+    manager = checkpoint.make_manager(tmp_path)
+    assert checkpoint.save(manager, state, 1.5)
+    manager.wait_until_finished()
+    other = fresh_state(tiny(seed=99))  # different values, same shapes and shardings
+    restored, step = checkpoint.restore(tmp_path, checkpoint.abstract_like(other))
+    assert step == 7 and int(restored.step) == 7
+    assert_trees_equal(checkpoint._tree(restored), checkpoint._tree(state))
+    # a target of bare ShapeDtypeStructs (what jax.eval_shape gives) restores the same
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), other)
+    restored, _ = checkpoint.restore(tmp_path, abstract)
+    assert_trees_equal(restored.params, state.params)
+
+
+def test_resume_equals_uninterrupted(trained):
+    data = trained / "input.txt"
+    training.train(tiny(data, max_iters=10), trained / "resumed")
+    assert checkpoint.make_manager(trained / "resumed").latest_step() == 10
+    training.train(tiny(data), trained / "resumed")  # init_from=auto: continues at step 10
+    straight, resumed = losses(trained / "straight"), losses(trained / "resumed")
+    # the same events in the same order (the resumed run logs steps 10.. once, from step 10)
+    assert [e[:2] for e in resumed] == [e[:2] for e in straight] and ("train", 19) in [
+        e[:2] for e in straight]
+    for (event, step, want), (_, _, got) in zip(straight, resumed):
+        assert math.isclose(got, want, rel_tol=1e-6), (event, step)
+
+
+def test_keep_best_keeps_lowest_val_losses_and_latest(tmp_path):
+    state = fresh_state(tiny())
+    manager = save_steps(tmp_path, state, [3.0, 1.0, 2.0, 4.0, 5.0], keep_best=2)
+    assert sorted(manager.all_steps()) == [2, 3, 5]  # best two (1.0, 2.0) + the latest
+    assert checkpoint.best_step(tmp_path) == 2
+
+
+def test_never_saves_a_nan_state(tmp_path, capsys):
+    state = fresh_state(tiny())
+    manager = checkpoint.make_manager(tmp_path)
+    assert not checkpoint.save(manager, state.replace(step=jnp.asarray(1)), float("nan"))
+    bad = state.replace(step=jnp.asarray(2),
+                        params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+    assert not checkpoint.save(manager, bad, 1.0)
+    assert manager.all_steps() == [] and "not finite" in capsys.readouterr().err
+
+
+def test_always_save_false_saves_improvements_and_the_end(tmp_path):
+    config = tiny(always_save_checkpoint=False, keep_best=5)
+    run = checkpoint.RunCheckpoints(config, tmp_path)
+    state = fresh_state(config)
+    saved = [run.after_eval(state.replace(step=jnp.asarray(s)), {"val": v}, final=final)
+             for s, v, final in [(0, 9.0, False), (10, 3.0, False), (20, 4.0, False),
+                                 (30, 2.0, False), (40, 5.0, True)]]
+    run.close()
+    assert saved == [False, True, False, True, True]  # never step 0; the end always
+
+
+def test_scratch_refuses_to_overwrite_and_resume_needs_a_checkpoint(trained, tmp_path):
+    with pytest.raises(UserError, match="init_from=scratch would overwrite"):
+        training.train(tiny(trained / "input.txt", init_from="scratch"), trained / "straight")
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        training.train(tiny(trained / "input.txt", init_from="resume"), tmp_path / "new")
+
+
+def test_incompatible_config_names_the_keys(trained):
+    with pytest.raises(UserError, match=r"n_layer \(2 -> 3\).*n_embd \(32 -> 48\)"):
+        training.train(tiny(trained / "input.txt", n_layer=3, n_embd=48, max_iters=30),
+                       trained / "straight")
+
+
+def test_missing_and_non_checkpoint_directories(tmp_path):
+    abstract = checkpoint.abstract_like(fresh_state(tiny()))
+    with pytest.raises(UserError, match="no checkpoint in"):
+        checkpoint.restore(tmp_path, abstract)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        checkpoint.restore(tmp_path, abstract)
+
+
+def corrupt(step_dir: Path):
+    for f in step_dir.rglob("*"):
+        if f.is_file() and f.name != "_CHECKPOINT_METADATA":
+            f.write_bytes(b"garbage")
+
+
+def test_corrupt_latest_falls_back_with_a_warning(tmp_path, capsys):
+    state = fresh_state(tiny())
+    save_steps(tmp_path, state, [2.0, 1.0, 3.0], keep_best=1)  # keeps 2 (best) and 3 (latest)
+    corrupt(tmp_path / "checkpoints" / "3")
+    restored, step = checkpoint.restore(tmp_path, checkpoint.abstract_like(state))
+    assert step == 2 and int(restored.step) == 2
+    assert "step 3 cannot be read" in capsys.readouterr().err
+    _, step = checkpoint.restore(tmp_path, checkpoint.abstract_like(state), step=3)
+    assert step == 2  # asked for the damaged one: the next newest good one, with a warning
+    corrupt(tmp_path / "checkpoints" / "2")
+    with pytest.raises(UserError, match="cannot be read"):
+        checkpoint.restore(tmp_path, checkpoint.abstract_like(state))
+
+
+def test_run_info_round_trip(tmp_path):
+    config = tiny(n_layer=3)
+    tok = CharTokenizer.from_text("hello world")
+    checkpoint.write_run_info(tmp_path, config, tok)
+    assert checkpoint.load_config(tmp_path).n_layer == 3
+    assert checkpoint.load_tokenizer(tmp_path).chars == tok.chars
+    with pytest.raises(UserError, match="no config.json"):
+        checkpoint.load_config(tmp_path / "elsewhere")
+
+
+# ---------------------------------------------------------------------------------------------
+# sample.py, end to end
+
+
+def sample(*args):
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_sample_cli_end_to_end(trained):
+    workdir = str(trained / "straight")
+    r = sample("--workdir", workdir, "--start", "the cat", "--max_new_tokens", "40",
+               "--num_samples", "2", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    texts = r.stdout.split("---------------\n")[:2]
+    assert all(t.startswith("the cat") and len(t) == len("the cat") + 40 + 1 for t in texts)
+    assert "80 tokens" in r.stderr and "tokens/s" in r.stderr and "compile" in r.stderr
+    r = sample("--workdir", workdir, "--max_new_tokens", "5", "--quiet")
+    assert r.returncode == 0 and r.stderr == "" and len(r.stdout) == 1 + 5 + 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--start", "Zebra!"], "outside the vocabulary"),
+    (["--top_k", "0"], "top_k=0"),
+    (["--top_k", "1000"], "top_k=1000"),
+    (["--temperature", "-1"], "temperature"),
+    (["--max_new_tokens", "0"], "max_new_tokens"),
+    (["--top_p", "1.5"], "top_p"),
+    (["--slide", "0"], "slide"),
+    (["--start", "FILE:/no/such/file"], "cannot read"),
+])
+def test_sample_cli_bad_input_is_one_line(trained, args, message):
+    r = sample("--workdir", str(trained / "straight"), *args)
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: ") and message in r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+def test_sample_cli_on_a_directory_without_checkpoints(tmp_path):
+    r = sample("--workdir", str(tmp_path))
+    assert r.returncode == 1 and r.stderr.startswith("error: no config.json")
+
+
+SHARDED = """
+import sys
+import jax, numpy as np
+from conftest import tiny
+from jaxgpt import checkpoint, parallel, training
+from jaxgpt.model import make_model
+workdir = sys.argv[1]
+def state_on(devices, fsdp, seed):
+    config = tiny(n_embd=128, seed=seed)
+    config.mesh.fsdp = fsdp
+    mesh = parallel.make_mesh(config, devices)
+    return training.create_train_state(config, make_model(config, 18), mesh)
+big = state_on(jax.devices(), 4, 0)  # 8 devices: data 2 x fsdp 4
+assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
+           for x in jax.tree.leaves(big.params))
+manager = checkpoint.make_manager(workdir)
+checkpoint.save(manager, big.replace(step=big.step + 5), 1.0)
+manager.wait_until_finished()
+one = state_on(jax.devices()[:1], 1, 1)
+restored, _ = checkpoint.restore(workdir, checkpoint.abstract_like(one))
+for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(big.replace(step=big.step + 5))):
+    assert len(a.sharding.device_set) == 1
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+back, _ = checkpoint.restore(workdir, checkpoint.abstract_like(state_on(jax.devices(), 4, 2)))
+for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(big.params)):
+    assert a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+print("ok")
+"""
+
+
+def test_restore_across_device_counts(tmp_path):
+    """Saved from 8 devices (FSDP-sharded params), restored on 1 device and back onto 8."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    r = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
