@@ -12,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from jaxgpt import cli
 from jaxgpt.errors import UserError
 
 flags.DEFINE_string("workdir", None, "A workdir written by train.py.")
@@ -104,15 +105,11 @@ def run():
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # cli.parse_flags rejects extra arguments
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # hide orbax's read-only notices
-    try:
-        run()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run()
+
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny
+from tests.conftest import tiny
 from jaxgpt import checkpoint, parallel, training
 from jaxgpt.data import synthetic_text
 from jaxgpt.errors import UserError
@@ -213,7 +213,7 @@ def test_sample_cli_on_a_directory_without_checkpoints(tmp_path):
 SHARDED = """
 import sys
 import jax, numpy as np
-from conftest import tiny
+from tests.conftest import tiny
 from jaxgpt import checkpoint, parallel, training
 from jaxgpt.model import make_model
 workdir = sys.argv[1]
@@ -244,7 +244,7 @@ print("ok")
 def test_restore_across_device_counts(tmp_path):
     """Saved from 8 devices (FSDP-sharded params), restored on 1 device and back onto 8."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+           "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path)], capture_output=True,
                        text=True, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
