@@ -4,6 +4,7 @@ Both encode str -> list[int] and decode list[int] -> str, and serialise to a sma
 workdir carries what sample.py needs to turn tokens back into text.
 """
 
+import functools
 import json
 from pathlib import Path
 
@@ -44,21 +45,19 @@ class CharTokenizer:
 
 
 class BPETokenizer:
-    """GPT-2's byte-pair encoding (50257 tokens) through tiktoken: any text encodes."""
+    """GPT-2's byte-pair encoding (50257 tokens) through tiktoken: any text encodes.
+
+    The BPE tables load on the first encode/decode (tiktoken downloads them once into its cache,
+    TIKTOKEN_CACHE_DIR), so training on prepared token files works offline.
+    """
 
     kind = "gpt2"
+    vocab_size = 50257
+    eot_token = 50256  # <|endoftext|>
 
-    def __init__(self):
-        try:
-            import tiktoken
-        except ImportError as e:
-            raise UserError("GPT-2 BPE needs tiktoken: pip install 'jaxgpt[bpe]'") from e
-        self._enc = tiktoken.get_encoding("gpt2")
-        self.eot_token = self._enc.eot_token
-
-    @property
-    def vocab_size(self) -> int:
-        return self._enc.n_vocab
+    @functools.cached_property
+    def _enc(self):
+        return gpt2_encoding()
 
     def encode(self, s: str) -> list[int]:
         return self._enc.encode(s, allowed_special={"<|endoftext|>"})
@@ -68,6 +67,19 @@ class BPETokenizer:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind}
+
+
+def gpt2_encoding():
+    """tiktoken's "gpt2" encoding, or a UserError saying how to get its files."""
+    try:
+        import tiktoken
+    except ImportError as e:
+        raise UserError("GPT-2 BPE needs tiktoken: pip install 'jaxgpt[bpe]'") from e
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # requests' ConnectionError and friends: no network, no cache
+        raise UserError(f"could not load GPT-2's BPE files ({type(e).__name__}); offline? copy "
+                        "a tiktoken cache here and set TIKTOKEN_CACHE_DIR to it") from None
 
 
 def from_dict(d: dict):
