@@ -1,0 +1,124 @@
+"""Scaling out on CPU: 8 devices in one process, and two processes joined by jax.distributed.
+
+JAX fixes the device count at import, so each run is a fresh interpreter (tests/parallel_worker.py)
+with XLA_FLAGS=--xla_force_host_platform_device_count=N. Tolerances: float32 runs on different
+meshes differ only in the order of the gradient all-reduce sums: losses to 1e-5 relative,
+params to 5e-5 absolute (weights are O(0.02-1); Adam's first steps move them by ~lr=3e-3).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxgpt import data as data_lib
+from jaxgpt import tokenizer as tokenizers
+from jaxgpt.data import synthetic_text
+
+WORKER = Path(__file__).with_name("parallel_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 300
+
+
+def byte_encoding():
+    """A stand-in for GPT-2's BPE tables where they cannot be downloaded: byte-level BPE (no
+    merges) with GPT-2's end-of-text id, through tiktoken itself."""
+    import tiktoken
+
+    pat = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # GPT-2's
+    return tiktoken.Encoding("bytes", pat_str=pat,
+                             mergeable_ranks={bytes([i]): i for i in range(256)},
+                             special_tokens={"<|endoftext|>": 50256})
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A char text and BPE bins of it (byte-level ids, so vocab_size=256 covers them)."""
+    d = tmp_path_factory.mktemp("corpus")
+    text = d / "input.txt"
+    text.write_text(synthetic_text(20000))
+    real = tokenizers.gpt2_encoding
+    tokenizers.gpt2_encoding = byte_encoding  # ids < 256 whatever the machine has cached
+    try:
+        data_lib.prepare_bpe(text, d / "bins")
+    finally:
+        tokenizers.gpt2_encoding = real
+    return text, d / "bins"
+
+
+def _env(devices: int, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXGPT_")}
+    return dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **extra)
+
+
+def _start(devices, *args, **env):
+    return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], cwd=ROOT,
+                            env=_env(devices, **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc):
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, out[-3000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_8_devices_data_parallel_and_fsdp_match_one_device(corpus, tmp_path):
+    text, bins = corpus
+    out = tmp_path / "mesh.json"
+    _finish(_start(8, "mesh", out, text, bins))
+    result = json.loads(out.read_text())
+    for path in ("device", "host"):  # batches drawn on the device | loaded on the host
+        runs = result[path]
+        ref = runs["1"]
+        for name, run in runs.items():
+            np.testing.assert_allclose(run["losses"], ref["losses"], rtol=1e-5, err_msg=name)
+            for k, v in ref["params"].items():
+                np.testing.assert_allclose(run["params"][k], v, atol=5e-5, err_msg=f"{name} {k}")
+            assert run["kept_shardings"], f"{path} {name}: the step changed the state's shardings"
+        # FSDP really splits the large matrices, in the params and in Adam's mu and nu
+        assert runs["dp4_fsdp2"]["fsdp_params"] >= 4
+        assert runs["dp4_fsdp2"]["fsdp_opt_state"] == 2 * runs["dp4_fsdp2"]["fsdp_params"]
+        assert ref["fsdp_params"] == 0
+    assert result["batch_error"] == ("config.batch_size=6 does not divide across 8 data-parallel "
+                                     "devices: use a multiple of 8")
+
+
+def _metrics(path: Path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_processes_match_one_process(corpus, tmp_path):
+    """2 processes x 2 CPU devices over jax.distributed (gloo) = 1 process x 4 devices."""
+    text, bins = corpus
+    port = _free_port()
+    procs = [_start(2, "train", tmp_path / f"p{i}", text, bins,
+                    JAXGPT_COORDINATOR=f"127.0.0.1:{port}", JAXGPT_NUM_PROCESSES="2",
+                    JAXGPT_PROCESS_ID=str(i)) for i in range(2)]
+    procs.append(_start(4, "train", tmp_path / "ref", text, bins))
+    try:
+        for p in procs:
+            _finish(p)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for path in ("device", "host"):  # replicated char data | per-process BPE rows
+        multi, single = (_metrics(tmp_path / d / path / "metrics.jsonl") for d in ("p0", "ref"))
+        assert [m["step"] for m in multi] == [m["step"] for m in single]
+        for m, s in zip(multi, single):
+            for k in ("loss", "train_loss", "val_loss", "grad_norm"):
+                if k in s:
+                    np.testing.assert_allclose(m[k], s[k], rtol=1e-5, err_msg=f"{path} {k}")
+        assert not (tmp_path / "p1" / path / "metrics.jsonl").exists()  # process 0 writes
