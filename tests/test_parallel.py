@@ -20,20 +20,11 @@ from jaxgpt import data as data_lib
 from jaxgpt import tokenizer as tokenizers
 from jaxgpt.data import synthetic_text
 
+from conftest import byte_encoding
+
 WORKER = Path(__file__).with_name("parallel_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 300
-
-
-def byte_encoding():
-    """A stand-in for GPT-2's BPE tables where they cannot be downloaded: byte-level BPE (no
-    merges) with GPT-2's end-of-text id, through tiktoken itself."""
-    import tiktoken
-
-    pat = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # GPT-2's
-    return tiktoken.Encoding("bytes", pat_str=pat,
-                             mergeable_ranks={bytes([i]): i for i in range(256)},
-                             special_tokens={"<|endoftext|>": 50256})
 
 
 @pytest.fixture(scope="session")
