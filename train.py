@@ -7,13 +7,10 @@ Several processes (docs/scaling.md): --distributed on TPU pod slices; elsewhere
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I in each process.
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from jaxgpt import parallel, training
-from jaxgpt.errors import UserError
+from jaxgpt import cli, parallel, training
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
@@ -33,19 +30,11 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # hide JAX's backend-probing INFO lines
-    try:
-        # before any other JAX call: every process must join before the devices are listed
-        parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                        FLAGS.process_id, auto=FLAGS.distributed)
-        training.train(flags.FLAGS.config, flags.FLAGS.workdir)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    # before any other JAX call: every process must join before the devices are listed
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id, auto=FLAGS.distributed)
+    training.train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -146,19 +146,20 @@ def _documents(source: Path):
             yield _read_utf8(f)
 
 
-def prepare_bpe(source, out_dir, val_fraction: float = 0.1) -> dict:
+def prepare_bpe(source, out_dir, val_fraction: float = 0.1, tokenizer=None) -> dict:
     """Tokenize local text with GPT-2's BPE into OUT_DIR/{train,val}.bin (uint16) + meta.json.
 
     As nanoGPT's prepare.py: every document ends with the end-of-text token; the first
     (1 - val_fraction) of the tokens are train, the rest val (OpenWebText: val_fraction=0.0005).
-    Tokens stream to disk, so the corpus never has to fit in memory.
+    Tokens stream to disk, so the corpus never has to fit in memory. `tokenizer`: GPT-2's BPE
+    unless given (tests pass one that needs no download).
     """
     source, out_dir = Path(source).expanduser(), Path(out_dir).expanduser()
     if not source.exists():
         raise UserError(f"{source}: no such file or directory")
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction={val_fraction}: must be between 0 and 1")
-    tok = tokenizers.BPETokenizer()
+    tok = tokenizer or tokenizers.BPETokenizer()
     out_dir.mkdir(parents=True, exist_ok=True)
     all_path = out_dir / "all.bin.part"
     with all_path.open("wb") as f:
@@ -196,7 +197,10 @@ def load_bins(config) -> Dataset:
                         "--config.data_dir (char-level datasets: shakespeare_char, char)")
     meta_path = d / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}  # nanoGPT's bins
-    tok = tokenizers.from_dict(meta.get("tokenizer", {"kind": "gpt2"}))
+    kind = meta.get("tokenizer", {"kind": "gpt2"})
+    # GPT-2's tables load on the first encode/decode: training needs only the vocabulary size
+    tok = tokenizers.BPETokenizer(lazy=True) if kind == {"kind": "gpt2"} else \
+        tokenizers.from_dict(kind)
     train, val = (np.memmap(d / f"{name}.bin", dtype=BIN_DTYPE, mode="r")
                   for name in ("train", "val"))
     for name, split in (("train", train), ("val", val)):

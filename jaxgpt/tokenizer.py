@@ -44,20 +44,35 @@ class CharTokenizer:
         return {"kind": self.kind, "chars": self.chars}
 
 
-class BPETokenizer:
-    """GPT-2's byte-pair encoding (50257 tokens) through tiktoken: any text encodes.
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOT_TOKEN = 50256  # <|endoftext|>
 
-    The BPE tables load on the first encode/decode (tiktoken downloads them once into its cache,
-    TIKTOKEN_CACHE_DIR), so training on prepared token files works offline.
-    """
+
+class BPETokenizer:
+    """GPT-2's byte-pair encoding (50257 tokens) through tiktoken: any text encodes."""
 
     kind = "gpt2"
-    vocab_size = 50257
-    eot_token = 50256  # <|endoftext|>
+
+    def __init__(self, encoding=None, *, lazy: bool = False):
+        """`encoding`: a tiktoken Encoding to use instead of GPT-2's (tests, custom vocabularies).
+        `lazy`: load GPT-2's tables on the first encode/decode, so training on prepared token
+        files (which needs only the vocabulary size) works offline."""
+        if encoding is not None or not lazy:
+            self._enc = encoding or _gpt2_encoding()
 
     @functools.cached_property
     def _enc(self):
-        return gpt2_encoding()
+        return _gpt2_encoding()
+
+    @property
+    def vocab_size(self) -> int:
+        loaded = self.__dict__.get("_enc")
+        return loaded.n_vocab if loaded is not None else GPT2_VOCAB_SIZE
+
+    @property
+    def eot_token(self) -> int:
+        loaded = self.__dict__.get("_enc")
+        return loaded.eot_token if loaded is not None else GPT2_EOT_TOKEN
 
     def encode(self, s: str) -> list[int]:
         return self._enc.encode(s, allowed_special={"<|endoftext|>"})
@@ -69,17 +84,16 @@ class BPETokenizer:
         return {"kind": self.kind}
 
 
-def gpt2_encoding():
-    """tiktoken's "gpt2" encoding, or a UserError saying how to get its files."""
+def _gpt2_encoding():
     try:
         import tiktoken
     except ImportError as e:
         raise UserError("GPT-2 BPE needs tiktoken: pip install 'jaxgpt[bpe]'") from e
     try:
         return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # requests' ConnectionError and friends: no network, no cache
-        raise UserError(f"could not load GPT-2's BPE files ({type(e).__name__}); offline? copy "
-                        "a tiktoken cache here and set TIKTOKEN_CACHE_DIR to it") from None
+    except Exception as e:  # tiktoken fetches its vocabulary files once, then caches them
+        raise UserError(f"could not load GPT-2's BPE vocabulary ({type(e).__name__}); offline? "
+                        "copy tiktoken's cache to this machine and set TIKTOKEN_CACHE_DIR") from None
 
 
 def from_dict(d: dict):

@@ -77,7 +77,7 @@ def train_step(state: TrainState, batch, rng):
         grad_sum, losses = jax.lax.scan(micro_step, zeros, (x, y, keys))
         grads = jax.tree.map(lambda g: g / x.shape[0], grad_sum)
         loss = losses.mean()
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return state.apply_gradients(grads=grads), metrics
 
 

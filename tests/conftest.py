@@ -38,18 +38,10 @@ def tiny_config(text_file):
 
 def byte_encoding():
     """A stand-in for GPT-2's BPE tables where they cannot be downloaded (offline CI): byte-level
-    BPE (no merges) with GPT-2's split pattern and end-of-text id, through tiktoken itself."""
+    BPE (no merges, ids < 256) with GPT-2's split pattern, <|endoftext|> = 256."""
     import tiktoken
 
     pat = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
     return tiktoken.Encoding("bytes", pat_str=pat,
                              mergeable_ranks={bytes([i]): i for i in range(256)},
-                             special_tokens={"<|endoftext|>": 50256})
-
-
-@pytest.fixture
-def byte_bpe(monkeypatch):
-    """GPT-2 BPE encodes with byte-level ids (< 256), whatever tiktoken has cached."""
-    from jaxgpt import tokenizer
-
-    monkeypatch.setattr(tokenizer, "gpt2_encoding", byte_encoding)
+                             special_tokens={"<|endoftext|>": 256})

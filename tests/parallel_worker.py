@@ -36,7 +36,7 @@ def config(text, bins, host: bool, **overrides):
     c.batch_size, c.gradient_accumulation_steps = 8, 2
     c.max_iters, c.eval_interval, c.eval_iters, c.log_interval, c.steps_per_call = 2, 2, 2, 1, 2
     c.learning_rate, c.warmup_iters, c.lr_decay_iters, c.min_lr = 3e-3, 1, 4, 3e-4
-    c.vocab_size = 256 if host else 0  # the test's BPE ids are bytes (< 256)
+    c.vocab_size = 320 if host else 0  # the test's BPE ids are bytes and <|endoftext|> (< 257)
     for k, v in overrides.items():
         c[k] = v
     return c

@@ -20,7 +20,7 @@ from jaxgpt import data as data_lib
 from jaxgpt import tokenizer as tokenizers
 from jaxgpt.data import synthetic_text
 
-from conftest import byte_encoding
+from tests.conftest import byte_encoding
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,16 +29,12 @@ TIMEOUT = 300
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-    """A char text and BPE bins of it (byte-level ids, so vocab_size=256 covers them)."""
+    """A char text and BPE bins of it (byte-level ids: the worker's vocab_size=320 covers them)."""
     d = tmp_path_factory.mktemp("corpus")
     text = d / "input.txt"
     text.write_text(synthetic_text(20000))
-    real = tokenizers.gpt2_encoding
-    tokenizers.gpt2_encoding = byte_encoding  # ids < 256 whatever the machine has cached
-    try:
-        data_lib.prepare_bpe(text, d / "bins")
-    finally:
-        tokenizers.gpt2_encoding = real
+    # byte-level ids (< 257) whatever tiktoken has cached on this machine
+    data_lib.prepare_bpe(text, d / "bins", tokenizer=tokenizers.BPETokenizer(byte_encoding()))
     return text, d / "bins"
 
 

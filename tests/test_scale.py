@@ -12,10 +12,12 @@ from configs import gpt2
 from jaxgpt import config as config_lib
 from jaxgpt import data as data_lib
 from jaxgpt import parallel, training
+from jaxgpt import tokenizer as tokenizers
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT, GPTConfig, count_params, make_model
+from jaxgpt.tokenizer import BPETokenizer
 
-from conftest import tiny
+from tests.conftest import byte_encoding, tiny
 
 
 def _setup(config):
@@ -123,16 +125,14 @@ def test_remat_gives_the_same_grads():
 # BPE token files
 
 
-def test_prepare_bpe_writes_nanogpt_bins(tmp_path, byte_bpe):
-    from jaxgpt.tokenizer import BPETokenizer
-
+def test_prepare_bpe_writes_nanogpt_bins(tmp_path):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (src / "a.txt").write_text("First Citizen:\nBefore we proceed")
     (src / "sub" / "b.jsonl").write_text(json.dumps({"text": "any further, hear me"}) + "\n\n" +
                                          json.dumps({"text": "speak."}) + "\n")
-    meta = data_lib.prepare_bpe(src, tmp_path / "out", val_fraction=0.25)
-    tok = BPETokenizer()
+    tok = BPETokenizer(byte_encoding())  # GPT-2's tables need a download; same code path
+    meta = data_lib.prepare_bpe(src, tmp_path / "out", val_fraction=0.25, tokenizer=tok)
     docs = ["First Citizen:\nBefore we proceed", "any further, hear me", "speak."]
     expected = sum((tok.encode(d) + [tok.eot_token] for d in docs), [])  # nanoGPT: EOT after each
     train = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16)
@@ -144,10 +144,11 @@ def test_prepare_bpe_writes_nanogpt_bins(tmp_path, byte_bpe):
     config = tiny(dataset="owt", data_dir=str(tmp_path / "out"), block_size=4)
     dataset = data_lib.load_dataset(config)
     assert dataset.on_host and isinstance(dataset.train, np.memmap)
-    assert dataset.tokenizer.vocab_size == 50257
+    assert dataset.tokenizer.vocab_size == 50257  # GPT-2's, known without loading its tables
 
 
-def test_prepare_cli_and_errors(tmp_path, byte_bpe, capsys):
+def test_prepare_cli_and_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tokenizers, "_gpt2_encoding", byte_encoding)
     (tmp_path / "t.txt").write_text("hello world\n" * 50)
     data_lib._prepare_main(["prepare", str(tmp_path / "t.txt"), str(tmp_path / "owt")])
     assert "train.bin has" in capsys.readouterr().out
