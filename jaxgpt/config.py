@@ -101,5 +101,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.decay_lr and config.lr_decay_iters <= config.warmup_iters:
         raise UserError(f"config.lr_decay_iters={config.lr_decay_iters} must exceed "
                          f"config.warmup_iters={config.warmup_iters} (or set decay_lr=False)")
+    if config.attention_impl == "cudnn" and (jax.default_backend() != "gpu" or
+                                             resolve_dtype(config.dtype) == "float32"):
+        raise UserError("config.attention_impl='cudnn' needs a GPU and dtype bfloat16 or "
+                        "float16: use attention_impl='xla' here")
     if config.grad_clip < 0 or config.weight_decay < 0:
         raise UserError("config.grad_clip and config.weight_decay must be >= 0")
