@@ -42,10 +42,15 @@ def test_gradient_accumulation_k_by_b_equals_one_batch_of_k_times_b(tiny_config)
 
 
 def _losses(config, steps=4):
-    _, _, mesh, state = _setup(config)
-    _, step, _ = training.device_data_fns(config, mesh, state, data_lib.load_dataset(config))
-    state, metrics = step(state, 0, steps)
-    return np.asarray(metrics["loss"]), state
+    """Losses of `steps` optimizer steps on the same batches whatever the config."""
+    dataset, _, _, state = _setup(config)
+    step = jax.jit(training.train_step)
+    losses = []
+    for i in range(steps):
+        x, y = data_lib.get_batch(jnp.asarray(dataset.train), jax.random.PRNGKey(i), 8, 16)
+        state, metrics = step(state, (x[None], y[None]), jax.random.PRNGKey(0))  # (1, B, T)
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), state
 
 
 def test_bfloat16_compute_tracks_float32(text_file):
