@@ -79,8 +79,8 @@ def mesh_mode(out, text, bins):
                 "losses": losses, "kept_shardings": kept,
                 "fsdp_params": n_fsdp_sharded(state.params),
                 "fsdp_opt_state": n_fsdp_sharded(state.opt_state),
-                "params": {"/".join(str(getattr(k, "key", k)) for k in path_): np.asarray(v).tolist()
-                           for path_, v in jax.tree_util.tree_leaves_with_path(state.params)},
+                "params": {jax.tree_util.keystr(k): np.asarray(v).tolist()
+                           for k, v in jax.tree_util.tree_leaves_with_path(state.params)},
             }
         result[path] = runs
     c = config(text, bins, host=False, batch_size=6)

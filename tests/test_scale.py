@@ -233,3 +233,8 @@ def test_gpt2_config_is_nanogpt_train_gpt2():
     model = make_model(c, 50257)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
     assert round(count_params(shapes["params"]) / 1e6, 2) == 123.59  # nanoGPT prints 123.59M
+
+
+def test_cudnn_attention_needs_a_gpu():
+    with pytest.raises(UserError, match="attention_impl='cudnn' needs a GPU"):
+        config_lib.validate(tiny(attention_impl="cudnn", dtype="bfloat16"))
