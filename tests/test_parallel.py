@@ -38,21 +38,44 @@ def corpus(tmp_path_factory):
     return text, d / "bins"
 
 
+@pytest.fixture(scope="module")
+def workers(corpus, tmp_path_factory):
+    """Every worker of this module, started at once: the two processes spend part of their time
+    waiting on each other, and the other runs compile meanwhile."""
+    text, bins = corpus
+    d = tmp_path_factory.mktemp("runs")
+    port = _free_port()
+    procs = {"mesh": _start(d / "mesh.log", 8, "mesh", d / "mesh.json", text, bins),
+             "ref": _start(d / "ref.log", 4, "train", d / "ref", text, bins)}
+    for i in range(2):
+        procs[f"p{i}"] = _start(d / f"p{i}.log", 2, "train", d / f"p{i}", text, bins,
+                                JAXGPT_COORDINATOR=f"127.0.0.1:{port}",
+                                JAXGPT_NUM_PROCESSES="2", JAXGPT_PROCESS_ID=str(i))
+    yield d, procs
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+
+
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAXGPT_")}
     return dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                 JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **extra)
 
 
-def _start(devices, *args, **env):
-    return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], cwd=ROOT,
-                            env=_env(devices, **env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def _start(log: Path, devices, *args, **env):
+    """The worker in a fresh interpreter with `devices` CPU devices; output to `log` (a file,
+    not a pipe: several run at once and nobody reads a pipe until they finish)."""
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], cwd=ROOT,
+                                env=_env(devices, **env), stdout=out, stderr=subprocess.STDOUT)
+    proc.log = log
+    return proc
 
 
 def _finish(proc):
-    out, _ = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 0, out[-3000:]
+    proc.wait(timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.log.read_text()[-3000:]
 
 
 def _free_port() -> int:
@@ -61,11 +84,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_8_devices_data_parallel_and_fsdp_match_one_device(corpus, tmp_path):
-    text, bins = corpus
-    out = tmp_path / "mesh.json"
-    _finish(_start(8, "mesh", out, text, bins))
-    result = json.loads(out.read_text())
+def test_8_devices_data_parallel_and_fsdp_match_one_device(workers):
+    d, procs = workers
+    _finish(procs["mesh"])
+    result = json.loads((d / "mesh.json").read_text())
     for path in ("device", "host"):  # batches drawn on the device | loaded on the host
         runs = result[path]
         ref = runs["1"]
@@ -86,21 +108,11 @@ def _metrics(path: Path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_two_processes_match_one_process(corpus, tmp_path):
+def test_two_processes_match_one_process(workers):
     """2 processes x 2 CPU devices over jax.distributed (gloo) = 1 process x 4 devices."""
-    text, bins = corpus
-    port = _free_port()
-    procs = [_start(2, "train", tmp_path / f"p{i}", text, bins,
-                    JAXGPT_COORDINATOR=f"127.0.0.1:{port}", JAXGPT_NUM_PROCESSES="2",
-                    JAXGPT_PROCESS_ID=str(i)) for i in range(2)]
-    procs.append(_start(4, "train", tmp_path / "ref", text, bins))
-    try:
-        for p in procs:
-            _finish(p)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    tmp_path, procs = workers
+    for name in ("p0", "p1", "ref"):
+        _finish(procs[name])
     for path in ("device", "host"):  # replicated char data | per-process BPE rows
         multi, single = (_metrics(tmp_path / d / path / "metrics.jsonl") for d in ("p0", "ref"))
         assert [m["step"] for m in multi] == [m["step"] for m in single]
