@@ -48,7 +48,7 @@ def workers(corpus, tmp_path_factory):
     procs = {"mesh": _start(d / "mesh.log", 8, "mesh", d / "mesh.json", text, bins),
              "ref": _start(d / "ref.log", 4, "train", d / "ref", text, bins)}
     for i in range(2):
-        procs[f"p{i}"] = _start(d / f"p{i}.log", 2, "train", d / f"p{i}", text, bins,
+        procs[f"p{i}"] = _start(d / f"p{i}.log", 2, "train", d / "multi", text, bins,
                                 JAXGPT_COORDINATOR=f"127.0.0.1:{port}",
                                 JAXGPT_NUM_PROCESSES="2", JAXGPT_PROCESS_ID=str(i))
     yield d, procs
@@ -114,10 +114,11 @@ def test_two_processes_match_one_process(workers):
     for name in ("p0", "p1", "ref"):
         _finish(procs[name])
     for path in ("device", "host"):  # replicated char data | per-process BPE rows
-        multi, single = (_metrics(tmp_path / d / path / "metrics.jsonl") for d in ("p0", "ref"))
+        # one shared workdir, as on a pod: process 0 alone writes metrics.jsonl, so no event
+        # appears twice
+        multi, single = (_metrics(tmp_path / d / path / "metrics.jsonl") for d in ("multi", "ref"))
         assert [m["step"] for m in multi] == [m["step"] for m in single]
         for m, s in zip(multi, single):
             for k in ("loss", "train_loss", "val_loss", "grad_norm"):
                 if k in s:
                     np.testing.assert_allclose(m[k], s[k], rtol=1e-5, err_msg=f"{path} {k}")
-        assert not (tmp_path / "p1" / path / "metrics.jsonl").exists()  # process 0 writes
