@@ -12,15 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxgpt import parallel  # noqa: E402  (jax is imported, no backend touched yet)
-
-DISTRIBUTED = parallel.initialize_distributed()  # before any other JAX call
-
-import jax  # noqa: E402
+import jax  # noqa: E402  (importing jax touches no backend: jax.distributed can still start)
 import numpy as np  # noqa: E402
 
 from jaxgpt import data as data_lib  # noqa: E402
-from jaxgpt import training  # noqa: E402
+from jaxgpt import parallel, training  # noqa: E402
 from jaxgpt.config import base_config  # noqa: E402
 from jaxgpt.errors import UserError  # noqa: E402
 from jaxgpt.model import make_model  # noqa: E402
@@ -99,7 +95,8 @@ def train_mode(out_dir, text, bins):
 
 
 if __name__ == "__main__":
+    distributed = parallel.initialize_distributed()  # before any other JAX call
     mode, *args = sys.argv[1:]
     {"mesh": mesh_mode, "train": train_mode}[mode](*args)
-    if DISTRIBUTED:
+    if distributed:
         jax.distributed.shutdown()
