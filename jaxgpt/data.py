@@ -125,9 +125,21 @@ BIN_DTYPE = np.uint16  # GPT-2's 50257 ids fit; nanoGPT's data/openwebtext/prepa
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
+def _text_chunks(path: Path, chunk_bytes: int = 2**24):
+    """A text file in pieces of about `chunk_bytes`, cut after a newline (memory stays flat on
+    a multi-GB file; BPE may merge differently only across the few cuts)."""
+    if path.stat().st_size <= chunk_bytes:
+        yield _read_utf8(path)
+        return
+    with path.open(encoding="utf-8") as f:
+        while chunk := "".join(f.readlines(chunk_bytes)):
+            yield chunk
+
+
 def _documents(source: Path):
-    """Yield the source's documents: a .txt file is one, a .jsonl file one per line ("text"
-    field, as a Hugging Face dataset exports with `ds.to_json`), a directory all of those in it."""
+    """Yield the source's documents, each as a list of text pieces: a .txt file is one, a .jsonl
+    file one per line ("text" field, as a Hugging Face dataset exports with `ds.to_json`), a
+    directory all of those in it."""
     files = sorted(p for p in source.rglob("*") if p.suffix in TEXT_SUFFIXES) \
         if source.is_dir() else [source]
     if not files or not all(f.is_file() for f in files):
@@ -139,11 +151,11 @@ def _documents(source: Path):
                 for n, line in enumerate(lines, 1):
                     if line.strip():
                         try:
-                            yield json.loads(line)["text"]
+                            yield [json.loads(line)["text"]]
                         except (json.JSONDecodeError, KeyError, TypeError):
                             raise UserError(f"{f}:{n}: not a JSON object with a 'text' field")
         else:
-            yield _read_utf8(f)
+            yield _text_chunks(f)
 
 
 def prepare_bpe(source, out_dir, val_fraction: float = 0.1, tokenizer=None) -> dict:
@@ -164,8 +176,9 @@ def prepare_bpe(source, out_dir, val_fraction: float = 0.1, tokenizer=None) -> d
     all_path = out_dir / "all.bin.part"
     with all_path.open("wb") as f:
         for doc in _documents(source):
-            ids = tok.encode(doc) + [tok.eot_token]
-            f.write(np.array(ids, dtype=BIN_DTYPE).tobytes())
+            for piece in doc:
+                f.write(np.array(tok.encode(piece), dtype=BIN_DTYPE).tobytes())
+            f.write(np.array([tok.eot_token], dtype=BIN_DTYPE).tobytes())
     tokens = np.memmap(all_path, dtype=BIN_DTYPE, mode="r")
     n_val = max(1, int(len(tokens) * val_fraction))
     n_train = len(tokens) - n_val

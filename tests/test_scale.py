@@ -165,6 +165,14 @@ def test_prepare_cli_and_errors(tmp_path, monkeypatch, capsys):
     assert data_lib.load_dataset(tiny(dataset="owt", data_dir=str(tmp_path), block_size=4)).on_host
 
 
+def test_large_text_files_are_read_in_pieces(tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_text("".join(f"line {i} of the corpus\n" for i in range(2000)))
+    pieces = list(data_lib._text_chunks(path, chunk_bytes=4096))
+    assert len(pieces) > 5 and "".join(pieces) == path.read_text()
+    assert all(p.endswith("\n") for p in pieces)  # cut after a newline, never mid-word
+
+
 def test_local_batches_compose_into_the_global_batch():
     """Any split of the rows over processes reads exactly the global batch's rows, and the
     global batch depends on (seed, step) only."""
