@@ -89,9 +89,13 @@ def mesh_mode(out, text, bins):
 
 
 def train_mode(out_dir, text, bins):
-    """train() end to end on both data paths; metrics.jsonl is process 0's only."""
+    """train() end to end on both data paths, on a data 2 x fsdp 2 mesh of 4 devices (with two
+    processes, the params are split and the batch rows loaded across them)."""
     for path in ("device", "host"):
-        training.train(config(text, bins, host=path == "host"), Path(out_dir) / path)
+        c = config(text, bins, host=path == "host")
+        c.mesh.data, c.mesh.fsdp = 2, 2
+        state = training.train(c, Path(out_dir) / path)
+        assert n_fsdp_sharded(state.params) >= 4, "FSDP split no parameter"
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ def _metrics(path: Path):
 
 
 def test_two_processes_match_one_process(workers):
-    """2 processes x 2 CPU devices over jax.distributed (gloo) = 1 process x 4 devices."""
+    """2 processes x 2 CPU devices over jax.distributed (gloo) = 1 process x 4 devices, both
+    on a data 2 x fsdp 2 mesh."""
     tmp_path, procs = workers
     for name in ("p0", "p1", "ref"):
         _finish(procs[name])
