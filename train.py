@@ -2,22 +2,38 @@
 
   python train.py --config configs/shakespeare.py --workdir runs/shakespeare \
       [--config.KEY=VALUE ...]
+
+Several processes (docs/scaling.md): --distributed on TPU pod slices; elsewhere
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I in each process.
 """
 
 from absl import flags
 from ml_collections import config_flags
 
-from jaxgpt import cli, training
+from jaxgpt import cli, parallel, training
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and the run's "
                     "config; a second run with the same workdir resumes.")
+flags.DEFINE_string("coordinator_address", "", "Multi-process runs: host:port of process 0 "
+                    "(or env JAXGPT_COORDINATOR); not needed on TPU pod slices.")
+flags.DEFINE_integer("num_processes", 0, "Multi-process runs: how many processes "
+                     "(or env JAXGPT_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", -1, "Multi-process runs: this process's id, 0..N-1 "
+                     "(or env JAXGPT_PROCESS_ID).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with no arguments: "
+                  "it discovers the processes on TPU pod slices, SLURM and Open MPI "
+                  "(or env JAXGPT_DISTRIBUTED=1).")
 flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
 
 
 def main(argv):
-    training.train(flags.FLAGS.config, flags.FLAGS.workdir)
+    # before any other JAX call: every process must join before the devices are listed
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id, auto=FLAGS.distributed)
+    training.train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

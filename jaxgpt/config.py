@@ -4,6 +4,7 @@ Recipes in `configs/` start from `base_config()` and change what differs, so a m
 override (`--config.n_embed=...`) is rejected by ml_collections before anything compiles.
 """
 
+import jax
 import ml_collections
 
 from jaxgpt.errors import UserError
@@ -12,7 +13,7 @@ MODELS = ("gpt", "bigram")
 ATTENTIONS = ("fused", "heads")  # one batched op (exercise 1, nanoGPT) | one `Head` per head
 ATTENTION_IMPLS = ("softmax", "xla", "cudnn")  # explicit softmax | jax.nn.dot_product_attention
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on GPU/TPU, float32 on CPU
 INIT_FROM = ("auto", "scratch", "resume")  # auto: resume if WORKDIR has a checkpoint
 
 
@@ -35,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.attention_impl = "softmax"
     c.activation = "gelu"
     c.tie_weights = True
-    c.dtype = "float32"  # compute dtype; params and optimizer state stay float32
+    c.dtype = "auto"  # compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU); params float32
     c.remat = False  # jax.checkpoint each Block (memory for compute)
     # optimizer (nanoGPT's train.py defaults)
     c.learning_rate = 6e-4
@@ -62,6 +63,14 @@ def base_config() -> ml_collections.ConfigDict:
     # devices: sizes of the mesh axes, -1 = all remaining devices
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
     return c
+
+
+def resolve_dtype(name: str) -> str:
+    """config.dtype -> the compute dtype's name; "auto" is bfloat16 where the hardware has fast
+    bfloat16 matmuls (GPU, TPU) and float32 on CPU (where bfloat16 is emulated, and slower)."""
+    if name != "auto":
+        return name
+    return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
 
 
 def _one_of(config, key, allowed):
@@ -92,5 +101,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.decay_lr and config.lr_decay_iters <= config.warmup_iters:
         raise UserError(f"config.lr_decay_iters={config.lr_decay_iters} must exceed "
                          f"config.warmup_iters={config.warmup_iters} (or set decay_lr=False)")
+    if config.attention_impl == "cudnn" and (jax.default_backend() != "gpu" or
+                                             resolve_dtype(config.dtype) == "float32"):
+        raise UserError("config.attention_impl='cudnn' needs a GPU and dtype bfloat16 or "
+                        "float16: use attention_impl='xla' here")
     if config.grad_clip < 0 or config.weight_decay < 0:
         raise UserError("config.grad_clip and config.weight_decay must be >= 0")

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgpt.config import resolve_dtype
 from jaxgpt.errors import UserError
 
 ACTIVATIONS = {
@@ -39,7 +40,7 @@ class GPTConfig:
     attention_impl: str = "softmax"  # fused path: explicit softmax | jax.nn.dot_product_attention
     activation: str = "gelu"
     tie_weights: bool = True  # lm_head shares wte's weights (nanoGPT); the lecture has its own
-    dtype: str = "float32"  # compute dtype; params are always float32
+    dtype: str = "float32"  # compute dtype ("auto": bfloat16 on GPU/TPU); params always float32
     remat: bool = False  # recompute each Block in the backward pass (jax.checkpoint)
 
     def __post_init__(self):
@@ -57,7 +58,7 @@ class GPTConfig:
 
     @property
     def compute_dtype(self):
-        return jnp.dtype(self.dtype)
+        return jnp.dtype(resolve_dtype(self.dtype))
 
     @classmethod
     def from_config(cls, config, vocab_size: int) -> "GPTConfig":
@@ -136,8 +137,10 @@ def masked_softmax_attention(q, k, v, mask, dropout: nn.Dropout, deterministic: 
     q: (..., Tq, hs), k, v: (..., Tk, hs), mask: (Tq, Tk) bool (True = may attend).
     """
     hs = q.shape[-1]
-    wei = q @ jnp.swapaxes(k, -2, -1) * hs**-0.5  # (..., Tq, hs) @ (..., hs, Tk) -> (..., Tq, Tk)
-    wei = jnp.where(mask, wei.astype(jnp.float32), -jnp.inf)  # (..., Tq, Tk)
+    # affinities accumulated and kept in float32 even when q, k are bfloat16 / float16
+    wei = jnp.matmul(q, jnp.swapaxes(k, -2, -1), preferred_element_type=jnp.float32)
+    wei = wei * hs**-0.5  # (..., Tq, hs) @ (..., hs, Tk) -> (..., Tq, Tk)
+    wei = jnp.where(mask, wei, -jnp.inf)  # (..., Tq, Tk)
     wei = jax.nn.softmax(wei, axis=-1).astype(v.dtype)  # (..., Tq, Tk)
     wei = dropout(wei, deterministic=deterministic)
     return wei @ v  # (..., Tq, Tk) @ (..., Tk, hs) -> (..., Tq, hs)

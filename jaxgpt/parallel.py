@@ -4,6 +4,8 @@ One code path for 1 CPU, 1 GPU, 8 local devices and a multi-host TPU pod: `jax.j
 NamedShardings; XLA inserts the collectives (gradient all-reduce, FSDP all-gathers).
 """
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -78,5 +80,58 @@ def put_replicated(array: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def local_rows(sharding: NamedSharding, shape, axis: int) -> np.ndarray:
+    """The indices along `axis` of a global `shape` that this process's devices hold (sorted).
+
+    This is the slice of the global batch a process loads: `make_array_from_process_local_data`
+    maps them, in this order, onto its devices.
+    """
+    rows = set()
+    for index in sharding.addressable_devices_indices_map(tuple(shape)).values():
+        rows.update(range(*index[axis].indices(shape[axis])))
+    return np.array(sorted(rows), dtype=np.int64)
+
+
+def put_process_local(local: np.ndarray, sharding: NamedSharding, global_shape) -> jax.Array:
+    """This process's rows (from `local_rows`) -> one global array sharded over every process."""
+    return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
+
+
 def is_main_process() -> bool:
     return jax.process_index() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-host start-up
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
+                           process_id: int = -1, auto: bool = False) -> bool:
+    """Join a multi-process run before any other JAX call; False for a single-process run.
+
+    Explicit (CPU clusters, GPUs without a scheduler): the coordinator's host:port, the number of
+    processes and this one's id, as arguments or env JAXGPT_COORDINATOR, JAXGPT_NUM_PROCESSES,
+    JAXGPT_PROCESS_ID. `auto` (or JAXGPT_DISTRIBUTED=1): plain `jax.distributed.initialize()`,
+    which discovers everything itself on TPU pod slices, SLURM and Open MPI.
+    """
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAXGPT_COORDINATOR", "")
+    num_processes = num_processes or int(env.get("JAXGPT_NUM_PROCESSES", "0") or 0)
+    if process_id < 0:
+        process_id = int(env.get("JAXGPT_PROCESS_ID", "-1") or -1)
+    auto = auto or env.get("JAXGPT_DISTRIBUTED", "") not in ("", "0")
+    if jax.distributed.is_initialized():
+        return True
+    if coordinator_address:
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise UserError(f"multi-process run with coordinator {coordinator_address}: also set "
+                            f"num_processes >= 1 and 0 <= process_id < num_processes (got "
+                            f"{num_processes} and {process_id})")
+        if num_processes == 1:
+            return False
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        return True
+    if auto:
+        jax.distributed.initialize()  # TPU pod slice / SLURM / Open MPI: discovered
+        return True
+    return False

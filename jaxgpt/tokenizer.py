@@ -4,6 +4,7 @@ Both encode str -> list[int] and decode list[int] -> str, and serialise to a sma
 workdir carries what sample.py needs to turn tokens back into text.
 """
 
+import functools
 import json
 from pathlib import Path
 
@@ -43,19 +44,35 @@ class CharTokenizer:
         return {"kind": self.kind, "chars": self.chars}
 
 
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOT_TOKEN = 50256  # <|endoftext|>
+
+
 class BPETokenizer:
     """GPT-2's byte-pair encoding (50257 tokens) through tiktoken: any text encodes."""
 
     kind = "gpt2"
 
-    def __init__(self, encoding=None):
-        """`encoding`: a tiktoken Encoding to use instead of GPT-2's (tests, custom vocabularies)."""
-        self._enc = encoding or _gpt2_encoding()
-        self.eot_token = self._enc.eot_token
+    def __init__(self, encoding=None, *, lazy: bool = False):
+        """`encoding`: a tiktoken Encoding to use instead of GPT-2's (tests, custom vocabularies).
+        `lazy`: load GPT-2's tables on the first encode/decode, so training on prepared token
+        files (which needs only the vocabulary size) works offline."""
+        if encoding is not None or not lazy:
+            self._enc = encoding or _gpt2_encoding()
+
+    @functools.cached_property
+    def _enc(self):
+        return _gpt2_encoding()
 
     @property
     def vocab_size(self) -> int:
-        return self._enc.n_vocab
+        loaded = self.__dict__.get("_enc")
+        return loaded.n_vocab if loaded is not None else GPT2_VOCAB_SIZE
+
+    @property
+    def eot_token(self) -> int:
+        loaded = self.__dict__.get("_enc")
+        return loaded.eot_token if loaded is not None else GPT2_EOT_TOKEN
 
     def encode(self, s: str) -> list[int]:
         return self._enc.encode(s, allowed_special={"<|endoftext|>"})

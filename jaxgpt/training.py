@@ -13,6 +13,7 @@ from pathlib import Path
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 from tqdm import tqdm
@@ -97,6 +98,26 @@ def train_steps(state: TrainState, data, *, num_steps, batch_size, block_size, a
     return jax.lax.scan(one_step, state, length=num_steps)
 
 
+def train_steps_on_batches(state: TrainState, batches):
+    """One optimizer step per leading entry of batches = (x, y), each (S, A, B, T): the variant
+    for data sampled on the host (memmapped token files); same randomness as train_steps."""
+    def one_step(state, batch):
+        _, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
+        return train_step(state, batch, dropout_key)
+
+    return jax.lax.scan(one_step, state, batches)
+
+
+def eval_loss_on_batches(params, batches, *, apply_fn):
+    """Mean loss over host-sampled batches = (x, y), each (eval_iters, B, T)."""
+    def one_batch(_, batch):
+        x, y = batch  # (B, T), (B, T)
+        return None, cross_entropy(apply_fn({"params": params}, x, deterministic=True), y)
+
+    _, losses = jax.lax.scan(one_batch, None, batches)  # (eval_iters,)
+    return losses.mean()
+
+
 def eval_loss(params, data, key, *, apply_fn, eval_iters, batch_size, block_size, mesh):
     """Mean loss over `eval_iters` random batches of `data`, in one compiled call."""
     def one_batch(_, k):
@@ -120,6 +141,52 @@ def compile_fns(config, mesh, state):
         functools.partial(eval_loss, apply_fn=state.apply_fn, eval_iters=config.eval_iters,
                           batch_size=config.batch_size, block_size=config.block_size, mesh=mesh))
     return step, evaluate
+
+
+def host_data_fns(config, mesh, state, dataset):
+    """(splits, step, evaluate) for memmapped data: batches sampled on the host, each process
+    loading only its rows. step(state, first_step, n) and evaluate(params, split, key) mirror
+    the on-device path."""
+    sharding = parallel.batch_sharding(mesh, leading=2)  # (S, A, B, T): B over every device
+    loader = data_lib.HostBatches(dataset.train, seed=(config.seed, 0),
+                                  accum=config.gradient_accumulation_steps,
+                                  batch_size=config.batch_size, block_size=config.block_size,
+                                  sharding=sharding)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    step_fn = jax.jit(train_steps_on_batches, donate_argnums=0, out_shardings=(shardings, None))
+    eval_fn = jax.jit(functools.partial(eval_loss_on_batches, apply_fn=state.apply_fn))
+    eval_sharding = parallel.batch_sharding(mesh, leading=1)  # (eval_iters, B, T)
+    rows = parallel.local_rows(eval_sharding, (1, config.batch_size, 1), axis=1)
+    shape = (config.eval_iters, config.batch_size)
+
+    def step(state, first_step, n):
+        return step_fn(state, loader.get(first_step, n))
+
+    step.close = loader.close  # stop the prefetch thread when the loop ends
+
+    def evaluate(params, split, key):
+        seed = (config.seed, 1, *np.asarray(jax.random.key_data(key)).tolist())
+        local = data_lib.local_batch(split, seed, 0, shape, config.block_size, rows)
+        batches = tuple(parallel.put_process_local(t, eval_sharding, (*shape, config.block_size))
+                        for t in local)
+        return eval_fn(params, batches)
+
+    return {"train": dataset.train, "val": dataset.val}, step, evaluate
+
+
+def device_data_fns(config, mesh, state, dataset):
+    """(splits, step, evaluate) for small datasets: replicated on every device, batches drawn
+    inside the compiled step."""
+    splits = {name: parallel.put_replicated(arr, mesh)
+              for name, arr in (("train", dataset.train), ("val", dataset.val))}
+    step_fn, evaluate = compile_fns(config, mesh, state)
+
+    def step(state, first_step, n):
+        return step_fn(state, splits["train"], num_steps=n)
+
+    step.close = lambda: None
+
+    return splits, step, evaluate
 
 
 def estimate_loss(evaluate, state, splits: dict, key) -> dict:
@@ -168,9 +235,8 @@ def train(config, workdir) -> TrainState:
     say(f"number of parameters: {count_params(state.params) / 1e6:.2f}M "
         f"(devices: {mesh.devices.size} {jax.devices()[0].platform}, mesh {dict(mesh.shape)})")
 
-    splits = {name: parallel.put_replicated(arr, mesh)
-              for name, arr in (("train", dataset.train), ("val", dataset.val))}
-    step_fn, evaluate = compile_fns(config, mesh, state)
+    data_fns = host_data_fns if dataset.on_host else device_data_fns
+    splits, step_fn, evaluate = data_fns(config, mesh, state, dataset)
     lr_at = optim.lr_schedule(config)
     eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
     writer = MetricsWriter(workdir)
@@ -214,7 +280,7 @@ def train(config, workdir) -> TrainState:
             break
         next_eval = (step // config.eval_interval + 1) * config.eval_interval
         n = min(config.steps_per_call, next_eval - step, config.max_iters - step)
-        state, metrics = step_fn(state, splits["train"], num_steps=n)
+        state, metrics = step_fn(state, step, n)
         if pending is not None:
             host = jax.device_get(pending[1])  # waits for the previous call only
             now = time.perf_counter()
@@ -224,5 +290,6 @@ def train(config, workdir) -> TrainState:
         step += n
         bar.update(n)
     bar.close()
+    step_fn.close()  # stop the host prefetch thread, if any
     ckpt.close()  # wait for the async checkpoint writes
     return state

@@ -34,3 +34,14 @@ def tiny(data_path="", **overrides):
 @pytest.fixture
 def tiny_config(text_file):
     return tiny(text_file)
+
+
+def byte_encoding():
+    """A stand-in for GPT-2's BPE tables where they cannot be downloaded (offline CI): byte-level
+    BPE (no merges, ids < 256) with GPT-2's split pattern, <|endoftext|> = 256."""
+    import tiktoken
+
+    pat = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    return tiktoken.Encoding("bytes", pat_str=pat,
+                             mergeable_ranks={bytes([i]): i for i in range(256)},
+                             special_tokens={"<|endoftext|>": 256})

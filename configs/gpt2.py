@@ -1,0 +1,48 @@
+"""GPT-2 124M on OpenWebText: nanoGPT's config/train_gpt2.py, for a TPU VM or GPUs.
+
+12 layers, 12 heads, 768 wide, block 1024, vocab 50304 (50257 padded to a multiple of 64).
+nanoGPT: batch 12 x block 1024 x grad accum 5*8 (8 GPUs) = ~0.5M tokens per step, 600k steps
+(~300B tokens), val loss ~2.85. Here `batch_size` is the global batch over all devices, so
+batch 12 x accum 40 is that same 491,520 tokens per step on any number of devices; on a pod
+raise batch_size (a multiple of the device count) and lower the accumulation to keep the product.
+
+Data: train.bin / val.bin (uint16 GPT-2 BPE, nanoGPT's format) in --config.data_dir (or
+~/.cache/jaxgpt/openwebtext), read through np.memmap; write them with
+`python -m jaxgpt.data prepare TEXT_OR_DIR DIR --val_fraction 0.0005` (docs/scaling.md).
+"""
+
+from jaxgpt.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.dataset = "openwebtext"
+    # model: GPT-2 small
+    c.n_layer = 12
+    c.n_head = 12
+    c.n_embd = 768
+    c.block_size = 1024
+    c.vocab_size = 50304  # GPT-2's 50257 padded up for fast matmuls (nanoGPT)
+    c.dropout = 0.0  # for pretraining 0 is good
+    c.bias = False  # nanoGPT's train.py default, which train_gpt2 keeps
+    c.attention_impl = "xla"  # jax.nn.dot_product_attention (no dropout here); "cudnn" on GPUs
+    c.dtype = "auto"  # bfloat16 compute on GPU/TPU, params and optimizer state float32
+    c.remat = False  # --config.remat=True trades compute for memory (larger batch per device)
+    # optimizer and schedule (nanoGPT's train.py defaults, which train_gpt2 keeps)
+    c.batch_size = 12
+    c.gradient_accumulation_steps = 5 * 8
+    c.learning_rate = 6e-4
+    c.max_iters = 600000
+    c.lr_decay_iters = 600000
+    c.warmup_iters = 2000
+    c.min_lr = 6e-5
+    c.weight_decay = 1e-1
+    c.beta1 = 0.9
+    c.beta2 = 0.95
+    c.grad_clip = 1.0
+    # eval and logging
+    c.eval_interval = 1000
+    c.eval_iters = 200
+    c.log_interval = 10
+    c.steps_per_call = 10
+    return c
