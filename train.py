@@ -4,13 +4,10 @@
       [--config.KEY=VALUE ...]
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from jaxgpt import training
-from jaxgpt.errors import UserError
+from jaxgpt import cli, training
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
@@ -20,16 +17,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # hide JAX's backend-probing INFO lines
-    try:
-        training.train(flags.FLAGS.config, flags.FLAGS.workdir)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    training.train(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

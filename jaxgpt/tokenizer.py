@@ -48,12 +48,9 @@ class BPETokenizer:
 
     kind = "gpt2"
 
-    def __init__(self):
-        try:
-            import tiktoken
-        except ImportError as e:
-            raise UserError("GPT-2 BPE needs tiktoken: pip install 'jaxgpt[bpe]'") from e
-        self._enc = tiktoken.get_encoding("gpt2")
+    def __init__(self, encoding=None):
+        """`encoding`: a tiktoken Encoding to use instead of GPT-2's (tests, custom vocabularies)."""
+        self._enc = encoding or _gpt2_encoding()
         self.eot_token = self._enc.eot_token
 
     @property
@@ -68,6 +65,18 @@ class BPETokenizer:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind}
+
+
+def _gpt2_encoding():
+    try:
+        import tiktoken
+    except ImportError as e:
+        raise UserError("GPT-2 BPE needs tiktoken: pip install 'jaxgpt[bpe]'") from e
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken fetches its vocabulary files once, then caches them
+        raise UserError(f"could not load GPT-2's BPE vocabulary ({type(e).__name__}); offline? "
+                        "copy tiktoken's cache to this machine and set TIKTOKEN_CACHE_DIR") from None
 
 
 def from_dict(d: dict):

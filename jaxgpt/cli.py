@@ -1,0 +1,52 @@
+"""What train.py, sample.py and bench.py share: flag parsing and one-line errors."""
+
+import sys
+
+from absl import app, flags, logging
+
+from jaxgpt.errors import UserError
+
+
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _one_line(e: Exception) -> str:
+    # ml_collections nests KeyError reprs: "'\\'n_embed\\'\\nDid you mean ...'"
+    text = str(e).replace("\\n", " ").replace("\\", "").replace("\n", " ").replace("'", "")
+    return " ".join(text.split())
+
+
+def parse_flags(argv):
+    """absl's parser, with ml_collections override errors (a misspelled --config.KEY, a value
+    of the wrong type) turned into one line instead of a traceback."""
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        _fail(f"bad --config override: {_one_line(e)}")
+    if len(rest) > 1:
+        _fail(f"unexpected arguments: {' '.join(rest[1:])}")
+    return rest
+
+
+def run(main):
+    """app.run(main) with UserError printed as `error: ...` (exit 1) and JAX's start-up INFO
+    lines hidden unless -v/--verbosity is given."""
+
+    def wrapped(argv):
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
+        try:
+            if "config" in flags.FLAGS:  # config files load lazily: surface a bad path here
+                flags.FLAGS.config.keys()
+        except OSError as e:
+            _fail(f"cannot load --config: {_one_line(e)}")
+        try:
+            main(argv)
+        except UserError as e:
+            _fail(str(e))
+
+    app.run(wrapped, flags_parser=parse_flags)

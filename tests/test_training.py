@@ -1,0 +1,129 @@
+"""The training loop: it learns, it is reproducible, it logs, and it fails clearly."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt import training
+from jaxgpt.errors import UserError
+from jaxgpt.model import make_model
+from jaxgpt.parallel import make_mesh
+from tests.conftest import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _events(workdir, kind):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
+def test_a_few_steps_learn_a_repeated_text(tmp_path):
+    path = tmp_path / "rep.txt"
+    path.write_text("hello world! " * 400)
+    c = tiny(path, max_iters=30, eval_interval=30, learning_rate=1e-2)
+    training.train(c, tmp_path / "run")
+    evals = _events(tmp_path / "run", "eval")
+    assert [e["step"] for e in evals] == [0, 30]
+    assert evals[0]["val_loss"] > math.log(9) - 0.3  # ~uniform over 9 chars at init
+    assert evals[-1]["val_loss"] < 0.5 * evals[0]["val_loss"]
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(dropout=0.1, steps_per_call=3)])
+def test_same_seed_same_losses(tmp_path, text_file, overrides):
+    runs = []
+    for name in ("a", "b"):
+        training.train(tiny(text_file, max_iters=6, **overrides), tmp_path / name)
+        runs.append([e["loss"] for e in _events(tmp_path / name, "train")])
+    assert len(runs[0]) == 6 and runs[0] == runs[1]
+    training.train(tiny(text_file, max_iters=6, seed=7, **overrides), tmp_path / "c")
+    assert [e["loss"] for e in _events(tmp_path / "c", "train")] != runs[0]
+
+
+def test_steps_per_call_does_not_change_the_run(tmp_path, text_file):
+    """k steps in one scanned call are the same k steps as k separate calls."""
+    losses = []
+    for k in (1, 4):
+        training.train(tiny(text_file, max_iters=8, steps_per_call=k), tmp_path / str(k))
+        losses.append([e["loss"] for e in _events(tmp_path / str(k), "train")])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_metrics_jsonl_has_the_contracted_keys(tmp_path, tiny_config):
+    training.train(tiny_config, tmp_path)
+    train, evals = _events(tmp_path, "train"), _events(tmp_path, "eval")
+    assert {"step", "loss", "lr", "step_ms", "tokens_per_sec"} <= train[0].keys()
+    assert {"step", "train_loss", "val_loss"} <= evals[0].keys()
+    assert [e["step"] for e in evals] == [0, 10, 20]
+
+
+def test_train_step_is_optax_on_jax_grad(text_file):
+    """train_step's update equals optax applied by hand to jax.grad of the loss."""
+    c = tiny(text_file, grad_clip=0.0)
+    model = make_model(c, vocab_size=20)
+    state = training.create_train_state(c, model, make_mesh(c))
+    x = jax.random.randint(jax.random.PRNGKey(0), (1, 4, 16), 0, 20)
+    y = jnp.roll(x, -1, axis=-1)
+    key = jax.random.PRNGKey(1)
+    grads = jax.grad(training.loss_fn)(state.params, state.apply_fn, x[0], y[0],
+                                       jax.random.split(key, 1)[0])
+    want = state.apply_gradients(grads=grads)
+    got, metrics = jax.jit(training.train_step)(state, (x, y), key)
+    for a, b in zip(jax.tree.leaves(got.opt_state), jax.tree.leaves(want.opt_state)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)  # Adam's moments: linear in g
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
+        # the first Adam step is lr * g / (|g| + eps): where |g| ~ eps, float noise shows
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert int(got.step) == 1 and np.isfinite(metrics["loss"])
+
+
+def test_nan_loss_stops_with_advice(tmp_path, text_file):
+    c = tiny(text_file, learning_rate=1e9, grad_clip=0.0, warmup_iters=0, max_iters=20)
+    with pytest.raises(UserError, match="diverged.*learning_rate"):
+        training.train(c, tmp_path)
+
+
+def test_bad_values_fail_before_compiling(tmp_path, text_file):
+    with pytest.raises(UserError, match="attention"):
+        training.train(tiny(text_file, attention="flash"), tmp_path)
+    with pytest.raises(UserError, match="not divisible"):
+        training.train(tiny(text_file, n_embd=30), tmp_path)
+    with pytest.raises(UserError, match="batch_size"):
+        training.train(tiny(text_file, batch_size=0), tmp_path)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_rejects_misspelled_and_mistyped_overrides(tmp_path):
+    r = _cli("--config", "configs/shakespeare_cpu.py", "--workdir", str(tmp_path),
+             "--config.n_embed=64")
+    assert r.returncode != 0 and "n_embed" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("--config", "configs/shakespeare_cpu.py", "--workdir", str(tmp_path),
+             "--config.n_layer=four")
+    assert r.returncode != 0 and "n_layer" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_missing_data_is_one_line(tmp_path):
+    r = _cli("--config", "configs/shakespeare_cpu.py", "--workdir", str(tmp_path),
+             f"--config.data_path={tmp_path}/missing.txt")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: config.data_path=")
+
+
+def test_cli_trains(tmp_path, text_file):
+    r = _cli("--config", "configs/shakespeare_cpu.py", "--workdir", str(tmp_path),
+             f"--config.data_path={text_file}", "--config.max_iters=4", "--config.eval_iters=2",
+             "--config.n_layer=1", "--config.block_size=16", "--config.batch_size=4")
+    assert r.returncode == 0, r.stderr
+    assert "step 4: train loss" in r.stdout + r.stderr
+    assert "number of parameters" in r.stdout + r.stderr
