@@ -8,8 +8,8 @@ warm-up, each call waited for with block_until_ready), tokens/s, model FLOPs per
 FLOPs per token are nanoGPT's `estimate_mfu` count: 6N + 12·L·H·Q·T, with N the parameters
 without position embeddings, L layers, H heads, Q head size, T block_size (forward + backward of
 every weight matmul, plus attention's two T-long matmuls). MFU = achieved FLOP/s / peak, the peak
-from PEAK_TFLOPS for GPUs/TPUs and *measured* on CPU (a 2048² float32 matmul, median of repeats,
-timed right after the training step so both see the same machine load).
+from PEAK_TFLOPS for GPUs/TPUs and *measured* on CPU (a 2048² float32 matmul, median of repeats
+run between rounds of timed calls, so peak and step see the same machine load).
 Sampling (when jaxgpt.sampling is present): tokens/s of `generate`, compile time separately.
 """
 
@@ -212,7 +212,8 @@ def bench_sampling(config, model, params, quick: bool) -> list[dict]:
                                               1 if quick else 3, warmup=0))
             rows.append({"batch": batch, "prompt": prompt, "new_tokens": new,
                          "compile_s": max(first - seconds, 0.0),  # first call minus a warm one
-                         "tokens_per_s": batch * new / seconds, "ms_per_token": 1e3 * seconds / new})
+                         "tokens_per_s": batch * new / seconds,
+                         "ms_per_token": 1e3 * seconds / new})
     return rows
 
 
