@@ -254,12 +254,14 @@ def train(config, workdir) -> TrainState:
         """Write the per-step metrics of one finished call (read one call late: no stall)."""
         n = len(metrics["loss"])
         step_ms = 1000 * seconds / n
+        # the call's learning rates in one dispatch: a jnp call per step would steal the CPU
+        lrs = np.broadcast_to(np.asarray(lr_at(np.arange(first_step, first_step + n))), (n,))
         for i in range(n):
             s = first_step + i
             _check_finite(float(metrics["loss"][i]), s)
             if s % config.log_interval == 0:
                 writer.write(event="train", step=s, loss=float(metrics["loss"][i]),
-                             grad_norm=float(metrics["grad_norm"][i]), lr=float(lr_at(s)),
+                             grad_norm=float(metrics["grad_norm"][i]), lr=float(lrs[i]),
                              step_ms=step_ms, tokens_per_sec=tokens_per_step * 1000 / step_ms)
         bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4f}", ms=f"{step_ms:.1f}")
 

@@ -1,0 +1,304 @@
+"""Benchmark: how fast a recipe trains (and samples) on this machine, compared with its peak.
+
+  python -m jaxgpt.bench --config configs/shakespeare_cpu.py [--config.KEY=VALUE ...]
+      [--json PATH] [--quick]
+
+Training: compile time, ms/step (median over timed calls of `steps_per_call` steps each, after a
+warm-up, each call waited for with block_until_ready), tokens/s, model FLOPs per token and MFU.
+FLOPs per token are nanoGPT's `estimate_mfu` count: 6N + 12·L·H·Q·T, with N the parameters
+without position embeddings, L layers, H heads, Q head size, T block_size (forward + backward of
+every weight matmul, plus attention's two T-long matmuls). MFU = achieved FLOP/s / peak, the peak
+from PEAK_TFLOPS for GPUs/TPUs and *measured* on CPU (a 2048² float32 matmul, median of repeats
+run between rounds of timed calls, so peak and step see the same machine load).
+Sampling (when jaxgpt.sampling is present): tokens/s of `generate`, compile time separately.
+"""
+
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxgpt import config as config_lib
+from jaxgpt import data as data_lib
+from jaxgpt import parallel, training
+from jaxgpt.errors import UserError
+from jaxgpt.model import count_params, make_model
+
+# Dense (no sparsity) peak TFLOP/s per chip from the vendors' datasheets: NVIDIA H100/H200
+# datasheet (SXM), A100 datasheet, V100 datasheet (no bf16: fp16 tensor-core figure); Google Cloud
+# TPU system-architecture pages (v4, v5e, v5p, v6e). "float32" on NVIDIA is the TF32 tensor-core
+# figure (XLA's default precision for float32 matmuls on Ampere and later); TPUs run float32
+# matmuls at default precision as bf16 passes, so only the bf16 figure is listed for them.
+# First matching substring of device_kind wins (so "H100 PCIe" is tried before "H100").
+PEAK_TFLOPS = (
+    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0}),
+    ("H100", {"bfloat16": 989.4, "float32": 494.7}),  # SXM
+    ("H200", {"bfloat16": 989.4, "float32": 494.7}),
+    ("A100", {"bfloat16": 312.0, "float32": 156.0}),  # nanoGPT's estimate_mfu uses 312
+    ("V100", {"float16": 125.0, "float32": 15.7}),
+    ("TPU v4", {"bfloat16": 275.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0}),  # v5e
+    ("TPU v5e", {"bfloat16": 197.0}),
+    ("TPU v5", {"bfloat16": 459.0}),  # v5p
+    ("TPU v6", {"bfloat16": 918.0}),  # v6e (Trillium)
+)
+
+flags.DEFINE_string("json", None, "Also write the figures as JSON to this path.")
+flags.DEFINE_bool("quick", False, "CI smoke test: one timed call, 20 sampled tokens; seconds. "
+                  "Its timings are not meaningful.")
+flags.DEFINE_integer("calls", 20, "Timed calls (of steps_per_call steps each), in 5 rounds.")
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                lock_config=True)
+flags.mark_flags_as_required(["config"])
+
+
+def flops_per_token(config, n_params: int) -> int:
+    """nanoGPT's estimate_mfu: 6N for the weight matmuls (forward 2N, backward 4N) plus
+    attention's QK^T and (att)V, 2·2·T·C forward per token and layer, x3 with the backward."""
+    L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
+    return 6 * n_params + 12 * L * H * Q * T
+
+
+def timed(fn, n: int, warmup: int = 1):
+    """Seconds for each of n calls of fn() after `warmup` calls; fn must block on its result."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def summary(times) -> dict:
+    return {"median": statistics.median(times), "min": min(times),
+            "p90": float(np.percentile(times, 90))}
+
+
+def datasheet_peak(device, dtype: str) -> tuple[float, str]:
+    """(FLOP/s, source) from PEAK_TFLOPS for a GPU/TPU; NaN for a device not in the table."""
+    for name, peaks in PEAK_TFLOPS:
+        if name.lower() in device.device_kind.lower():
+            key = dtype if dtype in peaks else max(peaks, key=peaks.get)
+            return peaks[key] * 1e12, f"datasheet {name} {key}"
+    return float("nan"), f"unknown device {device.device_kind!r}: add it to PEAK_TFLOPS"
+
+
+def matmul_probe(n: int = 2048):
+    """(n, fn): fn() runs one n x n float32 matmul and waits for it (the CPU peak probe)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    timed(lambda: matmul(a).block_until_ready(), 0, warmup=2)
+    return n, lambda: matmul(a).block_until_ready()
+
+
+def bench_train(config, quick: bool, calls: int) -> dict:
+    """Compile and time the jitted multi-step train call; eval call too."""
+    if config.data_path:
+        dataset = data_lib.load_dataset(config)
+        vocab, train, val = dataset.tokenizer.vocab_size, dataset.train, dataset.val
+    else:  # timing does not depend on the text: random tokens of tiny Shakespeare's vocabulary
+        vocab = config.vocab_size or 65
+        rng = np.random.default_rng(0)
+        train, val = (rng.integers(0, vocab, n, dtype=np.int32) for n in (100_000, 10_000))
+    model = make_model(config, vocab)
+    mesh = parallel.make_mesh(config)
+    parallel.check_batch(config, mesh)
+    state = training.create_train_state(config, model, mesh)
+    n_params = count_params(state.params)
+    train, val = (parallel.put_replicated(a, mesh) for a in (train, val))
+    step_fn, evaluate = training.compile_fns(config, mesh, state)
+    k = config.steps_per_call
+
+    t = time.perf_counter()
+    compiled = step_fn.lower(state, train, num_steps=k).compile()
+    compile_s = time.perf_counter() - t
+    memory = compiled.memory_analysis()
+
+    device = jax.devices()[0]
+    probe_n, probe = matmul_probe() if device.platform == "cpu" else (0, None)
+
+    def call():
+        nonlocal state
+        state, metrics = compiled(state, train)  # state donated: always the latest one
+        jax.block_until_ready(metrics)
+
+    # Rounds of [one untimed call, timed calls, CPU peak probes]: the peak is measured under
+    # the same machine load as the step, and the untimed call absorbs the probe's disturbance
+    # (a 48 MB matmul evicts the step's working set from the caches).
+    rounds = 1 if quick else 5
+    per_round = 1 if quick else max(1, calls // rounds)
+    timed(call, 0, warmup=1)
+    times, probe_times, paired = [], [], []
+    for _ in range(rounds):
+        step_s = [s / k for s in timed(call, per_round, warmup=1)]
+        times += step_s
+        if probe is not None:
+            probe_s = timed(probe, 3, warmup=0)
+            probe_times += probe_s
+            paired.append(statistics.median(probe_s) / statistics.median(step_s))
+    step = summary(times)
+
+    key = jax.random.PRNGKey(0)
+    t = time.perf_counter()
+    eval_compiled = evaluate.lower(state.params, val, key).compile()
+    eval_compile_s = time.perf_counter() - t
+    eval_times = timed(lambda: eval_compiled(state.params, val, key).block_until_ready(),
+                       1 if quick else 5)
+
+    tokens = config.batch_size * config.gradient_accumulation_steps * config.block_size
+    fpt = flops_per_token(config, n_params)
+    if probe is None:
+        peak, peak_source = datasheet_peak(device, config.dtype)
+    else:
+        peak = 2 * probe_n**3 / statistics.median(probe_times)
+        peak_source = (f"measured: float32 {probe_n}x{probe_n} matmul, median of "
+                       f"{len(probe_times)} runs between rounds of timed calls")
+    achieved = fpt * tokens / step["median"]
+    stats = device.memory_stats() or {}
+    return {
+        "params": n_params,
+        "steps_per_call": k,
+        "tokens_per_step": tokens,
+        "compile_s": compile_s,
+        "ms_per_step": 1e3 * step["median"],
+        "ms_per_step_min": 1e3 * step["min"],
+        "ms_per_step_p90": 1e3 * step["p90"],
+        "tokens_per_s": tokens / step["median"],
+        "flops_per_token": fpt,
+        "flops_per_step": fpt * tokens,
+        "achieved_tflops": achieved / 1e12,
+        "peak_tflops": peak / 1e12,
+        "peak_source": peak_source,
+        "mfu": achieved / peak,
+        "mfu_best": fpt * tokens / step["min"] / peak,
+        # each round's step against the probes right after it: steadier under a varying load
+        "mfu_paired": (statistics.median(fpt * tokens / (2 * probe_n**3) * r for r in paired)
+                       if probe is not None else achieved / peak),
+        "eval_compile_s": eval_compile_s,
+        "eval_ms": 1e3 * statistics.median(eval_times),  # one split, eval_iters batches
+        "peak_memory_bytes": stats.get("peak_bytes_in_use"),  # None where not reported (CPU)
+        "compiled_temp_bytes": memory.temp_size_in_bytes if memory else None,
+        "_state": (model, state),
+    }
+
+
+def bench_sampling(config, model, params, quick: bool) -> list[dict]:
+    """tokens/s of jaxgpt.sampling.generate for batch 1 and 16, prompts of 1 and T/2 tokens."""
+    from jaxgpt import sampling
+
+    new = 20 if quick else 500
+    rows = []
+    for batch in (1, 16):
+        for prompt in (1, max(1, config.block_size // 2)):
+            idx = jnp.zeros((batch, prompt), jnp.int32)
+            gen = functools.partial(sampling.generate, model, params, idx, new,
+                                    rng=jax.random.PRNGKey(0), temperature=1.0, top_k=None,
+                                    top_p=None)
+            t = time.perf_counter()
+            jax.block_until_ready(gen())
+            first = time.perf_counter() - t
+            seconds = statistics.median(timed(lambda: jax.block_until_ready(gen()),
+                                              1 if quick else 3, warmup=0))
+            rows.append({"batch": batch, "prompt": prompt, "new_tokens": new,
+                         "compile_s": max(first - seconds, 0.0),  # first call minus a warm one
+                         "tokens_per_s": batch * new / seconds,
+                         "ms_per_token": 1e3 * seconds / new})
+    return rows
+
+
+def run(config, quick: bool = False, calls: int = 20) -> dict:
+    """All figures as one JSON-able dict."""
+    config_lib.validate(config)
+    device = jax.devices()[0]
+    load_before = os.getloadavg()[0]  # other processes on a small CPU box skew every timing
+    train = bench_train(config, quick, calls)
+    model, state = train.pop("_state")
+    result = {
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "device_count": jax.device_count(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "config": {k: config[k] for k in ("batch_size", "block_size", "n_layer", "n_head",
+                                          "n_embd", "dropout", "dtype", "activation",
+                                          "attention_impl", "gradient_accumulation_steps")},
+        "quick": quick,
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": [load_before, os.getloadavg()[0]],  # before and after the training part
+        "train": train,
+    }
+    try:
+        import jaxgpt.sampling  # noqa: F401  (merged from the checkpoint/sampling branch)
+    except ImportError:
+        result["sampling"] = None
+    else:
+        result["sampling"] = bench_sampling(config, model, state.params, quick)
+    return result
+
+
+def format_table(r: dict) -> str:
+    t = r["train"]
+    mem = t["peak_memory_bytes"]
+    rows = [
+        ("device", f"{r['device_kind']} ({r['platform']}) x{r['device_count']}, "
+                   f"jax {r['jax']} / jaxlib {r['jaxlib']}"),
+        ("load average (1 min)", f"{r['load_avg_1m'][0]:.2f} before, {r['load_avg_1m'][1]:.2f} "
+                                 f"after, {r['cpu_count']} CPUs"),
+        ("parameters (no wpe)", f"{t['params'] / 1e6:.2f} M"),
+        ("train step compile", f"{t['compile_s']:.2f} s ({t['steps_per_call']} steps per call)"),
+        ("ms / step", f"{t['ms_per_step']:.2f} median (min {t['ms_per_step_min']:.2f}, "
+                      f"p90 {t['ms_per_step_p90']:.2f})"),
+        ("tokens / s", f"{t['tokens_per_s']:,.0f}"),
+        ("FLOPs / token", f"{t['flops_per_token'] / 1e6:.2f} M (6N + 12·L·H·Q·T)"),
+        ("GFLOP / step", f"{t['flops_per_step'] / 1e9:.2f}"),
+        ("achieved", f"{1e3 * t['achieved_tflops']:.1f} GFLOP/s"),
+        ("peak", f"{1e3 * t['peak_tflops']:.1f} GFLOP/s ({t['peak_source']})"),
+        ("MFU", f"{100 * t['mfu']:.1f} % (paired per round: {100 * t['mfu_paired']:.1f} %, "
+                f"at the min step time: {100 * t['mfu_best']:.1f} %)"),
+        ("eval call", f"{t['eval_ms']:.1f} ms (compile {t['eval_compile_s']:.2f} s)"),
+        ("peak device memory", "not reported by this backend" if mem is None
+         else f"{mem / 2**20:.1f} MiB"),
+        ("compiled temp buffers", f"{(t['compiled_temp_bytes'] or 0) / 2**20:.1f} MiB"),
+    ]
+    if r["sampling"] is None:
+        rows.append(("sampling", "jaxgpt.sampling not available in this tree"))
+    else:
+        for s in r["sampling"]:
+            rows.append((f"sample B={s['batch']} prompt={s['prompt']}",
+                         f"{s['tokens_per_s']:,.0f} tok/s ({s['ms_per_token']:.2f} ms/token, "
+                         f"{s['new_tokens']} new; compile {s['compile_s']:.2f} s)"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    try:
+        result = run(flags.FLAGS.config, quick=flags.FLAGS.quick, calls=flags.FLAGS.calls)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(format_table(result))
+    if flags.FLAGS.json:
+        with open(flags.FLAGS.json, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    app.run(main)
