@@ -10,27 +10,25 @@ without position embeddings, L layers, H heads, Q head size, T block_size (forwa
 every weight matmul, plus attention's two T-long matmuls). MFU = achieved FLOP/s / peak, the peak
 from PEAK_TFLOPS for GPUs/TPUs and *measured* on CPU (a 2048² float32 matmul, median of repeats
 run between rounds of timed calls, so peak and step see the same machine load).
-Sampling (when jaxgpt.sampling is present): tokens/s of `generate`, compile time separately.
+Sampling: tokens/s of `generate` (KV cache, scanned decode) and of nanoGPT's full-recompute
+loop, compile time separately.
 """
 
-import functools
 import json
 import os
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from jaxgpt import config as config_lib
 from jaxgpt import data as data_lib
-from jaxgpt import parallel, training
-from jaxgpt.errors import UserError
+from jaxgpt import cli, parallel, sampling, training
 from jaxgpt.model import count_params, make_model
 
 # Dense (no sparsity) peak TFLOP/s per chip from the vendors' datasheets: NVIDIA H100/H200
@@ -55,6 +53,8 @@ PEAK_TFLOPS = (
 flags.DEFINE_string("json", None, "Also write the figures as JSON to this path.")
 flags.DEFINE_bool("quick", False, "CI smoke test: one timed call, 20 sampled tokens; seconds. "
                   "Its timings are not meaningful.")
+flags.DEFINE_enum("only", "all", ["all", "train", "sample"], "Run only the training or the "
+                  "sampling part (sampling at the shakespeare size on a CPU: --only=sample).")
 flags.DEFINE_integer("calls", 20, "Timed calls (of steps_per_call steps each), in 5 rounds.")
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
@@ -102,8 +102,8 @@ def matmul_probe(n: int = 2048):
     return n, lambda: matmul(a).block_until_ready()
 
 
-def bench_train(config, quick: bool, calls: int) -> dict:
-    """Compile and time the jitted multi-step train call; eval call too."""
+def setup(config):
+    """(model, mesh, state, train tokens, val tokens) on the device, as train.py would have."""
     if config.data_path:
         dataset = data_lib.load_dataset(config)
         vocab, train, val = dataset.tokenizer.vocab_size, dataset.train, dataset.val
@@ -115,8 +115,13 @@ def bench_train(config, quick: bool, calls: int) -> dict:
     mesh = parallel.make_mesh(config)
     parallel.check_batch(config, mesh)
     state = training.create_train_state(config, model, mesh)
-    n_params = count_params(state.params)
     train, val = (parallel.put_replicated(a, mesh) for a in (train, val))
+    return model, mesh, state, train, val
+
+
+def bench_train(config, model, mesh, state, train, val, quick: bool, calls: int) -> dict:
+    """Compile and time the jitted multi-step train call; eval call too."""
+    n_params = count_params(state.params)
     step_fn, evaluate = training.compile_fns(config, mesh, state)
     k = config.steps_per_call
 
@@ -189,41 +194,35 @@ def bench_train(config, quick: bool, calls: int) -> dict:
         "eval_ms": 1e3 * statistics.median(eval_times),  # one split, eval_iters batches
         "peak_memory_bytes": stats.get("peak_bytes_in_use"),  # None where not reported (CPU)
         "compiled_temp_bytes": memory.temp_size_in_bytes if memory else None,
-        "_state": (model, state),
+        "_state": state,
     }
 
 
-def bench_sampling(config, model, params, quick: bool) -> list[dict]:
-    """tokens/s of jaxgpt.sampling.generate for batch 1 and 16, prompts of 1 and T/2 tokens."""
-    from jaxgpt import sampling
-
+def bench_sampling(model, params, block_size: int, quick: bool) -> list[dict]:
+    """tokens/s of jaxgpt.sampling.generate at batch 1 and 16, prompts of 1 and block_size/2
+    tokens, then nanoGPT's loop (full recompute per token) at batch 1 for the ratio."""
     new = 20 if quick else 500
+    cases = [(b, p, False) for b in (1, 16) for p in (1, max(1, block_size // 2))]
     rows = []
-    for batch in (1, 16):
-        for prompt in (1, max(1, config.block_size // 2)):
-            idx = jnp.zeros((batch, prompt), jnp.int32)
-            gen = functools.partial(sampling.generate, model, params, idx, new,
-                                    rng=jax.random.PRNGKey(0), temperature=1.0, top_k=None,
-                                    top_p=None)
-            t = time.perf_counter()
-            jax.block_until_ready(gen())
-            first = time.perf_counter() - t
-            seconds = statistics.median(timed(lambda: jax.block_until_ready(gen()),
-                                              1 if quick else 3, warmup=0))
-            rows.append({"batch": batch, "prompt": prompt, "new_tokens": new,
-                         "compile_s": max(first - seconds, 0.0),  # first call minus a warm one
-                         "tokens_per_s": batch * new / seconds,
-                         "ms_per_token": 1e3 * seconds / new})
+    for batch, prompt, naive in cases + [(1, 1, True)]:
+        r = sampling.time_generate(model, params, batch_size=batch, prompt_len=prompt,
+                                   max_new_tokens=new, naive=naive)
+        rows.append({"batch": batch, "prompt": prompt, "new_tokens": new, "naive": naive,
+                     "compile_s": r["compile_seconds"], "tokens_per_s": r["tokens_per_sec"],
+                     "ms_per_token": 1e3 * r["seconds"] / new})
     return rows
 
 
-def run(config, quick: bool = False, calls: int = 20) -> dict:
-    """All figures as one JSON-able dict."""
+def run(config, quick: bool = False, calls: int = 20, only: str = "all") -> dict:
+    """All figures as one JSON-able dict; `only` = "train" or "sample" skips the other part."""
     config_lib.validate(config)
     device = jax.devices()[0]
     load_before = os.getloadavg()[0]  # other processes on a small CPU box skew every timing
-    train = bench_train(config, quick, calls)
-    model, state = train.pop("_state")
+    model, mesh, state, train_tokens, val_tokens = setup(config)
+    train = None
+    if only != "sample":
+        train = bench_train(config, model, mesh, state, train_tokens, val_tokens, quick, calls)
+        state = train.pop("_state")  # the input state was donated
     result = {
         "device_kind": device.device_kind,
         "platform": device.platform,
@@ -238,23 +237,29 @@ def run(config, quick: bool = False, calls: int = 20) -> dict:
         "load_avg_1m": [load_before, os.getloadavg()[0]],  # before and after the training part
         "train": train,
     }
-    try:
-        import jaxgpt.sampling  # noqa: F401  (merged from the checkpoint/sampling branch)
-    except ImportError:
-        result["sampling"] = None
-    else:
-        result["sampling"] = bench_sampling(config, model, state.params, quick)
+    result["sampling"] = (None if only == "train" else
+                          bench_sampling(model, state.params, config.block_size, quick))
     return result
 
 
 def format_table(r: dict) -> str:
-    t = r["train"]
-    mem = t["peak_memory_bytes"]
     rows = [
         ("device", f"{r['device_kind']} ({r['platform']}) x{r['device_count']}, "
                    f"jax {r['jax']} / jaxlib {r['jaxlib']}"),
         ("load average (1 min)", f"{r['load_avg_1m'][0]:.2f} before, {r['load_avg_1m'][1]:.2f} "
                                  f"after, {r['cpu_count']} CPUs"),
+    ]
+    if r["train"] is not None:
+        rows += train_rows(r["train"])
+    if r["sampling"] is not None:
+        rows += sampling_rows(r["sampling"])
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def train_rows(t: dict) -> list[tuple[str, str]]:
+    mem = t["peak_memory_bytes"]
+    return [
         ("parameters (no wpe)", f"{t['params'] / 1e6:.2f} M"),
         ("train step compile", f"{t['compile_s']:.2f} s ({t['steps_per_call']} steps per call)"),
         ("ms / step", f"{t['ms_per_step']:.2f} median (min {t['ms_per_step_min']:.2f}, "
@@ -271,34 +276,31 @@ def format_table(r: dict) -> str:
          else f"{mem / 2**20:.1f} MiB"),
         ("compiled temp buffers", f"{(t['compiled_temp_bytes'] or 0) / 2**20:.1f} MiB"),
     ]
-    if r["sampling"] is None:
-        rows.append(("sampling", "jaxgpt.sampling not available in this tree"))
-    else:
-        for s in r["sampling"]:
-            rows.append((f"sample B={s['batch']} prompt={s['prompt']}",
-                         f"{s['tokens_per_s']:,.0f} tok/s ({s['ms_per_token']:.2f} ms/token, "
-                         f"{s['new_tokens']} new; compile {s['compile_s']:.2f} s)"))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def sampling_rows(sampling: list[dict]) -> list[tuple[str, str]]:
+    rows = []
+    cached = {(s["batch"], s["prompt"]): s for s in sampling if not s["naive"]}
+    for s in sampling:
+        name = "naive loop (nanoGPT's)" if s["naive"] else "KV cache + scan"
+        ratio = (f", cache {cached[1, 1]['tokens_per_s'] / s['tokens_per_s']:.1f}x faster"
+                 if s["naive"] else "")
+        rows.append((f"sample B={s['batch']} prompt={s['prompt']}",
+                     f"{s['tokens_per_s']:,.0f} tok/s ({s['ms_per_token']:.2f} ms/token, "
+                     f"{s['new_tokens']} new, {name}; compile {s['compile_s']:.2f} s{ratio})"))
+    return rows
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    try:
-        result = run(flags.FLAGS.config, quick=flags.FLAGS.quick, calls=flags.FLAGS.calls)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    del argv  # cli.parse_flags rejects extra arguments
+    result = run(flags.FLAGS.config, quick=flags.FLAGS.quick, calls=flags.FLAGS.calls,
+                 only=flags.FLAGS.only)
     print(format_table(result))
     if flags.FLAGS.json:
         with open(flags.FLAGS.json, "w") as f:
             json.dump(result, f, indent=1)
             f.write("\n")
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

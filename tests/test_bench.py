@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from jaxgpt import bench
 from tests.conftest import tiny
 
@@ -32,7 +34,19 @@ def test_quick_run_reports_consistent_figures(tiny_config):
     tokens = tiny_config.batch_size * tiny_config.block_size
     assert abs(t["tokens_per_s"] * t["ms_per_step"] / 1e3 - tokens) < 1e-6 * tokens
     assert t["flops_per_step"] == t["flops_per_token"] * tokens
+    rows = r["sampling"]  # 2 batch sizes x 2 prompt lengths with the cache, then the naive loop
+    assert [(s["batch"], s["naive"]) for s in rows] == [(1, False)] * 2 + [(16, False)] * 2 + [
+        (1, True)]
+    assert all(s["tokens_per_s"] * s["ms_per_token"] / 1e3 == pytest.approx(s["batch"])
+               for s in rows)
     json.dumps(r)  # everything in it is JSON-able
+    assert "KV cache" in bench.format_table(r) and "naive loop" in bench.format_table(r)
+
+
+def test_only_sample_skips_training(tiny_config):
+    r = bench.run(tiny_config, quick=True, only="sample")
+    assert r["train"] is None and len(r["sampling"]) == 5
+    assert "ms / step" not in bench.format_table(r)
 
 
 def test_cli_writes_json(tmp_path, text_file):
