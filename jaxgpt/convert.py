@@ -1,0 +1,172 @@
+"""nanoGPT and Hugging Face GPT-2 weights <-> jaxgpt params (numpy in, numpy out).
+
+The jaxgpt `GPT` with fused attention, exact GELU, LayerNorm eps 1e-5 and a tied head computes
+nanoGPT's function, so a nanoGPT checkpoint runs here unchanged:
+
+    ckpt = torch.load("out/ckpt.pt")
+    config, params = from_nanogpt(ckpt["model"], ckpt["model_args"])
+    logits = GPT(config).apply({"params": params}, idx)
+
+torch is never imported: tensors are accepted through their `.numpy()` when torch is present.
+The layouts differ in one place only: torch's `nn.Linear` stores (out, in), flax's `Dense`
+kernel is (in, out); Hugging Face's GPT-2 uses `Conv1D`, already (in, out).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from jaxgpt.errors import UserError
+from jaxgpt.model import GPTConfig
+
+_PREFIX = "_orig_mod."  # torch.compile's wrapper prefixes every key of a compiled model
+_MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+
+
+def _numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor (bfloat16 has no numpy dtype: go via float32)
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        value = value.numpy()
+    return np.asarray(value, np.float32)
+
+
+def _linear(w: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(w.T)  # torch (out, in) <-> flax (in, out)
+
+
+def _params(get, config: GPTConfig, linear_kernel) -> dict:
+    """The jaxgpt param tree from `get(name)` in GPT-2 naming (no `transformer.` prefix)."""
+
+    def dense(name):
+        p = {"kernel": linear_kernel(get(f"{name}.weight"))}
+        if config.bias:
+            p["bias"] = get(f"{name}.bias")
+        return p
+
+    def norm(name):
+        p = {"scale": get(f"{name}.weight")}
+        if config.bias:
+            p["bias"] = get(f"{name}.bias")
+        return p
+
+    params = {"wte": {"embedding": get("wte.weight")}, "wpe": {"embedding": get("wpe.weight")},
+              "ln_f": norm("ln_f")}
+    for i in range(config.n_layer):
+        h = f"h.{i}"
+        params[f"h_{i}"] = {
+            "ln_1": norm(f"{h}.ln_1"),
+            "attn": {"c_attn": dense(f"{h}.attn.c_attn"), "c_proj": dense(f"{h}.attn.c_proj")},
+            "ln_2": norm(f"{h}.ln_2"),
+            "mlp": {"c_fc": dense(f"{h}.mlp.c_fc"), "c_proj": dense(f"{h}.mlp.c_proj")},
+        }
+    return params
+
+
+def _getter(weights: dict, source: str):
+    def get(name):
+        try:
+            return weights[name]
+        except KeyError:
+            raise UserError(f"{source} has no weight {name!r}: is it a GPT-2 / nanoGPT model "
+                            "with the model args given?") from None
+    return get
+
+
+def from_nanogpt(state_dict, model_args: dict) -> tuple[GPTConfig, dict]:
+    """nanoGPT's `model.state_dict()` and `model_args` (both in its ckpt.pt) -> (config, params)."""
+    missing = [k for k in _MODEL_ARGS if k not in model_args]
+    if missing:
+        raise UserError(f"model_args lacks {', '.join(missing)}: pass ckpt['model_args'] "
+                        "of a nanoGPT checkpoint")
+    weights = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix(_PREFIX).removeprefix("transformer.")
+        if not key.endswith(".attn.bias"):  # old nanoGPT's causal-mask buffer, not a weight
+            weights[key] = _numpy(value)
+    config = GPTConfig(**{k: model_args[k] for k in _MODEL_ARGS},
+                       attention="fused", activation="gelu", tie_weights=True)
+    return config, _params(_getter(weights, "state_dict"), config, _linear)
+
+
+def _fused_attention(attn: dict, config: GPTConfig) -> dict:
+    """A `MultiHeadAttention`'s per-head key/query/value kernels as one c_attn (q | k | v)."""
+    kernel = [np.concatenate([np.asarray(attn[f"heads_{h}"][name]["kernel"])
+                              for h in range(config.n_head)], axis=1)
+              for name in ("query", "key", "value")]  # each (C, C), head h at columns h*hs
+    c_attn = {"kernel": np.concatenate(kernel, axis=1)}  # (C, 3C)
+    if config.bias:  # the lecture's heads have no bias: zeros are the same function
+        c_attn["bias"] = np.zeros(3 * config.n_embd, np.float32)
+    return {"c_attn": c_attn, "c_proj": attn["c_proj"]}
+
+
+def to_nanogpt(config: GPTConfig, params) -> tuple[dict, dict]:
+    """jaxgpt params -> (nanoGPT state_dict of numpy arrays, model_args); inverts from_nanogpt.
+
+    The per-head (`attention="heads"`) form is fused on the way out. nanoGPT's GPT has exact
+    GELU and a tied head, so a ReLU / tanh-GELU / untied model cannot be expressed in it.
+    """
+    for key, need in (("activation", "gelu"), ("tie_weights", True)):
+        if getattr(config, key) != need:
+            raise UserError(f"to_nanogpt: nanoGPT's GPT has {key}={need!r}, this model has "
+                            f"{getattr(config, key)!r}")
+    sd = {"transformer.wte.weight": params["wte"]["embedding"],
+          "transformer.wpe.weight": params["wpe"]["embedding"]}
+
+    def dense(name, p):
+        sd[f"{name}.weight"] = _linear(np.asarray(p["kernel"]))
+        if config.bias:
+            sd[f"{name}.bias"] = p["bias"]
+
+    def norm(name, p):
+        sd[f"{name}.weight"] = p["scale"]
+        if config.bias:
+            sd[f"{name}.bias"] = p["bias"]
+
+    for i in range(config.n_layer):
+        h, p = f"transformer.h.{i}", params[f"h_{i}"]
+        attn = p["attn"] if config.attention == "fused" else _fused_attention(p["attn"], config)
+        norm(f"{h}.ln_1", p["ln_1"])
+        dense(f"{h}.attn.c_attn", attn["c_attn"])
+        dense(f"{h}.attn.c_proj", attn["c_proj"])
+        norm(f"{h}.ln_2", p["ln_2"])
+        dense(f"{h}.mlp.c_fc", p["mlp"]["c_fc"])
+        dense(f"{h}.mlp.c_proj", p["mlp"]["c_proj"])
+    norm("transformer.ln_f", params["ln_f"])
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied, as nanoGPT stores it
+    sd = {k: np.array(v, np.float32) for k, v in sd.items()}
+    return sd, {k: getattr(config, k) for k in _MODEL_ARGS}
+
+
+def from_hf_gpt2(directory) -> tuple[GPTConfig, dict]:
+    """A local Hugging Face GPT-2 directory (config.json + model.safetensors) -> (config, params).
+
+    GPT-2's GELU is the tanh approximation ("gelu_new"), so the config says gelu_tanh; the
+    vocabulary stays 50257 (pad it yourself for training speed). Needs `safetensors` (the
+    `[hf]` extra), never torch.
+    """
+    directory = Path(directory)
+    config_file, weights_file = directory / "config.json", directory / "model.safetensors"
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise UserError(f"{f} not found: pass a Hugging Face GPT-2 directory "
+                            "(huggingface-cli download gpt2 --local-dir DIR)")
+    try:
+        from safetensors.numpy import load_file
+    except ImportError:
+        raise UserError("reading safetensors needs the safetensors package: "
+                        "pip install -e '.[hf]'") from None
+    hf = json.loads(config_file.read_text())
+    activation = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+                  "relu": "relu"}.get(hf.get("activation_function", "gelu_new"))
+    if activation is None:
+        raise UserError(f"{config_file}: activation_function "
+                        f"{hf['activation_function']!r} is not supported")
+    config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                       n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                       bias=True, activation=activation, tie_weights=True)
+    weights = {k.removeprefix("transformer."): v.astype(np.float32)
+               for k, v in load_file(weights_file).items()}
+    return config, _params(_getter(weights, str(weights_file)), config, lambda w: w)
