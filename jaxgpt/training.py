@@ -108,11 +108,15 @@ def train_steps_on_batches(state: TrainState, batches):
     return jax.lax.scan(one_step, state, batches)
 
 
+def eval_step(params, apply_fn, x, y):
+    """The loss on one batch x, y (B, T), without dropout."""
+    return cross_entropy(apply_fn({"params": params}, x, deterministic=True), y)
+
+
 def eval_loss_on_batches(params, batches, *, apply_fn):
     """Mean loss over host-sampled batches = (x, y), each (eval_iters, B, T)."""
     def one_batch(_, batch):
-        x, y = batch  # (B, T), (B, T)
-        return None, cross_entropy(apply_fn({"params": params}, x, deterministic=True), y)
+        return None, eval_step(params, apply_fn, *batch)
 
     _, losses = jax.lax.scan(one_batch, None, batches)  # (eval_iters,)
     return losses.mean()
@@ -123,7 +127,7 @@ def eval_loss(params, data, key, *, apply_fn, eval_iters, batch_size, block_size
     def one_batch(_, k):
         x, y = data_lib.get_batch(data, k, batch_size, block_size)  # (B, T)
         x, y = (jax.lax.with_sharding_constraint(t, parallel.batch_sharding(mesh)) for t in (x, y))
-        return None, cross_entropy(apply_fn({"params": params}, x, deterministic=True), y)
+        return None, eval_step(params, apply_fn, x, y)
 
     _, losses = jax.lax.scan(one_batch, None, jax.random.split(key, eval_iters))  # (eval_iters,)
     return losses.mean()
