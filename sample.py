@@ -49,42 +49,26 @@ def run():
     import jax
     import numpy as np
 
-    from jaxgpt import checkpoint, parallel, sampling, training
-    from jaxgpt.model import make_model
+    from jaxgpt import checkpoint, sampling
 
-    workdir = FLAGS.workdir
-    if not Path(workdir).is_dir():
-        raise UserError(f"--workdir={workdir}: no such directory")
-    config = checkpoint.load_config(workdir)
-    tokenizer = checkpoint.load_tokenizer(workdir)
-    model = make_model(config, tokenizer.vocab_size)
-    top_k = FLAGS.top_k
     if FLAGS.num_samples <= 0:
         raise UserError(f"--num_samples={FLAGS.num_samples}: must be a positive integer")
+    run = checkpoint.load_run(FLAGS.workdir, FLAGS.checkpoint)
+    model, params, tokenizer = run.model, run.params, run.tokenizer
     # every check on the user's input before anything compiles
     sampling.check_settings(model.config.vocab_size, FLAGS.max_new_tokens, FLAGS.temperature,
-                            top_k, FLAGS.top_p, FLAGS.slide, model.config.block_size)
+                            FLAGS.top_k, FLAGS.top_p, FLAGS.slide, model.config.block_size)
     prompt = read_prompt(FLAGS.start)
     if not prompt:
         raise UserError("--start is empty: give at least one character (the default is a newline)")
     ids = tokenizer.encode(prompt)
-
-    # restore params into the shapes of a fresh state (nothing is initialised for real)
-    auto = (jax.sharding.AxisType.Auto,) * 2
-    mesh = jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1], axis_types=auto)
-    abstract = jax.eval_shape(lambda: training.create_train_state(config, model, mesh))
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            abstract, parallel.state_sharding(abstract, mesh))
-    step = checkpoint.best_step(workdir) if FLAGS.checkpoint == "best" else None
-    state, step = checkpoint.restore(workdir, abstract, step)  # None: the latest
-    params = state.params
 
     compile_s = sampling.warmup(model, params, FLAGS.num_samples)
     idx = np.tile(np.asarray(ids, np.int32)[None], (FLAGS.num_samples, 1))  # (B, T)
     start = time.perf_counter()
     chunks = sampling.generate_chunks(
         model, params, idx, FLAGS.max_new_tokens, rng=jax.random.PRNGKey(FLAGS.seed),
-        temperature=FLAGS.temperature, top_k=top_k, top_p=FLAGS.top_p, slide=FLAGS.slide)
+        temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, slide=FLAGS.slide)
     if FLAGS.num_samples == 1:  # stream: print each chunk as it arrives
         sys.stdout.write(prompt)
         for toks in chunks:
@@ -100,7 +84,7 @@ def run():
     sys.stdout.flush()
     if not FLAGS.quiet:
         n = FLAGS.num_samples * FLAGS.max_new_tokens
-        print(f"checkpoint step {step}: {n} tokens in {seconds:.2f} s, {n / seconds:.1f} "
+        print(f"checkpoint step {run.step}: {n} tokens in {seconds:.2f} s, {n / seconds:.1f} "
               f"tokens/s (compile {compile_s:.2f} s, not included)", file=sys.stderr)
 
 

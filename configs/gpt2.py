@@ -8,7 +8,7 @@ raise batch_size (a multiple of the device count) and lower the accumulation to 
 
 Data: train.bin / val.bin (uint16 GPT-2 BPE, nanoGPT's format) in --config.data_dir (or
 ~/.cache/jaxgpt/openwebtext), read through np.memmap; write them with
-`python -m jaxgpt.data prepare TEXT_OR_DIR DIR --val_fraction 0.0005` (docs/scaling.md).
+`python -m jaxgpt.prepare TEXT_OR_DIR DIR --val_fraction 0.0005` (docs/scaling.md).
 """
 
 from jaxgpt.config import base_config
@@ -33,7 +33,6 @@ def get_config():
     c.gradient_accumulation_steps = 5 * 8
     c.learning_rate = 6e-4
     c.max_iters = 600000
-    c.lr_decay_iters = 600000
     c.warmup_iters = 2000
     c.min_lr = 6e-5
     c.weight_decay = 1e-1

@@ -22,7 +22,6 @@ def get_config():
     c.dropout = 0.2
     c.learning_rate = 1e-3  # with baby networks can afford to go a bit higher
     c.max_iters = 5000
-    c.lr_decay_iters = 5000  # make equal to max_iters usually
     c.min_lr = 1e-4  # learning_rate / 10 usually
     c.beta2 = 0.99  # make a bit bigger because number of tokens per iter is small
     c.warmup_iters = 100  # not super necessary potentially

@@ -16,7 +16,6 @@ def get_config():
     c.n_head = 4
     c.n_embd = 128
     c.max_iters = 2000
-    c.lr_decay_iters = 2000
     c.dropout = 0.0
     c.eval_iters = 20
     # A call's host cost (dispatch, argument handling) is ~5 ms; on a 2-core CPU it competes

@@ -14,6 +14,7 @@ Sampling: tokens/s of `generate` (KV cache, scanned decode) and of nanoGPT's ful
 loop, compile time separately.
 """
 
+import functools
 import json
 import os
 import statistics
@@ -26,10 +27,10 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from jaxgpt import config as config_lib
 from jaxgpt import data as data_lib
 from jaxgpt import cli, parallel, sampling, training
-from jaxgpt.model import count_params, make_model
+from jaxgpt.model import count_params
+from jaxgpt.tokenizer import CharTokenizer
 
 # Dense (no sparsity) peak TFLOP/s per chip from the vendors' datasheets: NVIDIA H100/H200
 # datasheet (SXM), A100 datasheet, V100 datasheet (no bf16: fp16 tensor-core figure); Google Cloud
@@ -102,31 +103,25 @@ def matmul_probe(n: int = 2048):
     return n, lambda: matmul(a).block_until_ready()
 
 
-def setup(config):
-    """(model, mesh, state, train tokens, val tokens) on the device, as train.py would have."""
-    if config.data_path:
-        dataset = data_lib.load_dataset(config)
-        vocab, train, val = dataset.tokenizer.vocab_size, dataset.train, dataset.val
-    else:  # timing does not depend on the text: random tokens of tiny Shakespeare's vocabulary
-        vocab = config.vocab_size or 65
-        rng = np.random.default_rng(0)
-        train, val = (rng.integers(0, vocab, n, dtype=np.int32) for n in (100_000, 10_000))
-    model = make_model(config, vocab)
-    mesh = parallel.make_mesh(config)
-    parallel.check_batch(config, mesh)
-    state = training.create_train_state(config, model, mesh)
-    train, val = (parallel.put_replicated(a, mesh) for a in (train, val))
-    return model, mesh, state, train, val
+def synthetic_dataset(config) -> data_lib.Dataset:
+    """Random tokens of tiny Shakespeare's vocabulary: timing does not depend on the text."""
+    rng = np.random.default_rng(0)
+    vocab = config.vocab_size or 65
+    train, val = (rng.integers(0, vocab, n, dtype=np.int32) for n in (100_000, 10_000))
+    return data_lib.Dataset(train, val, CharTokenizer([chr(32 + i) for i in range(vocab)]))
 
 
-def bench_train(config, model, mesh, state, train, val, quick: bool, calls: int) -> dict:
-    """Compile and time the jitted multi-step train call; eval call too."""
+def bench_train(config, s: training.Setup, quick: bool, calls: int):
+    """Compile and time train()'s multi-step train call and its eval call.
+
+    Returns (figures, the state after the timed calls: the input state was donated)."""
+    state = s.state
     n_params = count_params(state.params)
-    step_fn, evaluate = training.compile_fns(config, mesh, state)
     k = config.steps_per_call
+    train = s.batches.train_data(0, k)
 
     t = time.perf_counter()
-    compiled = step_fn.lower(state, train, num_steps=k).compile()
+    compiled = s.train_call.lower(state, train, num_steps=k).compile()
     compile_s = time.perf_counter() - t
     memory = compiled.memory_analysis()
 
@@ -155,8 +150,9 @@ def bench_train(config, model, mesh, state, train, val, quick: bool, calls: int)
     step = summary(times)
 
     key = jax.random.PRNGKey(0)
+    val = s.batches.eval_data("val", key)
     t = time.perf_counter()
-    eval_compiled = evaluate.lower(state.params, val, key).compile()
+    eval_compiled = s.evaluate.lower(state.params, val, key).compile()
     eval_compile_s = time.perf_counter() - t
     eval_times = timed(lambda: eval_compiled(state.params, val, key).block_until_ready(),
                        1 if quick else 5)
@@ -194,8 +190,7 @@ def bench_train(config, model, mesh, state, train, val, quick: bool, calls: int)
         "eval_ms": 1e3 * statistics.median(eval_times),  # one split, eval_iters batches
         "peak_memory_bytes": stats.get("peak_bytes_in_use"),  # None where not reported (CPU)
         "compiled_temp_bytes": memory.temp_size_in_bytes if memory else None,
-        "_state": state,
-    }
+    }, state
 
 
 def bench_sampling(model, params, block_size: int, quick: bool) -> list[dict]:
@@ -205,7 +200,7 @@ def bench_sampling(model, params, block_size: int, quick: bool) -> list[dict]:
     cases = [(b, p, False) for b in (1, 16) for p in (1, max(1, block_size // 2))]
     rows = []
     for batch, prompt, naive in cases + [(1, 1, True)]:
-        r = sampling.time_generate(model, params, batch_size=batch, prompt_len=prompt,
+        r = time_generate(model, params, batch_size=batch, prompt_len=prompt,
                                    max_new_tokens=new, naive=naive)
         rows.append({"batch": batch, "prompt": prompt, "new_tokens": new, "naive": naive,
                      "compile_s": r["compile_seconds"], "tokens_per_s": r["tokens_per_sec"],
@@ -215,14 +210,12 @@ def bench_sampling(model, params, block_size: int, quick: bool) -> list[dict]:
 
 def run(config, quick: bool = False, calls: int = 20, only: str = "all") -> dict:
     """All figures as one JSON-able dict; `only` = "train" or "sample" skips the other part."""
-    config_lib.validate(config)
     device = jax.devices()[0]
     load_before = os.getloadavg()[0]  # other processes on a small CPU box skew every timing
-    model, mesh, state, train_tokens, val_tokens = setup(config)
-    train = None
+    s = training.setup(config, dataset=None if config.data_path else synthetic_dataset(config))
+    train, state = None, s.state
     if only != "sample":
-        train = bench_train(config, model, mesh, state, train_tokens, val_tokens, quick, calls)
-        state = train.pop("_state")  # the input state was donated
+        train, state = bench_train(config, s, quick, calls)
     result = {
         "device_kind": device.device_kind,
         "platform": device.platform,
@@ -238,8 +231,62 @@ def run(config, quick: bool = False, calls: int = 20, only: str = "all") -> dict
         "train": train,
     }
     result["sampling"] = (None if only == "train" else
-                          bench_sampling(model, state.params, config.block_size, quick))
+                          bench_sampling(s.model, state.params, config.block_size, quick))
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: the KV-cache sampler against nanoGPT's loop, which re-runs the context per token
+
+
+def time_generate(model, params, *, batch_size=1, prompt_len=1, max_new_tokens=500,
+                  naive=False, seed=0, slide=1) -> dict:
+    """Time one sampling run (after a warm-up run that compiles): tokens/s, seconds, compile
+    seconds. `naive` times the full-recompute loop instead (compile = its warm-up run)."""
+    idx = jnp.zeros((batch_size, prompt_len), jnp.int32)
+    run = functools.partial(generate_naive if naive else sampling.generate, model, params, idx,
+                            max_new_tokens, rng=jax.random.PRNGKey(seed),
+                            **({} if naive else {"slide": slide}))
+    start = time.perf_counter()
+    if naive:
+        run().block_until_ready()
+    else:
+        sampling.warmup(model, params, batch_size)
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    run().block_until_ready()
+    seconds = time.perf_counter() - start
+    return {"tokens_per_sec": batch_size * max_new_tokens / seconds, "seconds": seconds,
+            "compile_seconds": compile_s}
+
+
+@functools.lru_cache(maxsize=8)
+def _forward(model):
+    return jax.jit(lambda params, idx: model.apply({"params": params}, idx))
+
+
+def generate_naive(model, params, idx, max_new_tokens, *, rng, temperature=1.0, top_k=None,
+                   top_p=None):
+    """nanoGPT's generate: a Python loop of full forwards over the last block_size tokens.
+
+    The forward is jitted on contexts padded to a power of two (log2(block_size) compilations,
+    cost growing with the context as nanoGPT's), and tokens use the same keys as `generate`:
+    the reference the cached sampler is tested and timed against.
+    """
+    cfg = model.config
+    sampling.check_settings(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p)
+    idx = jnp.asarray(idx, jnp.int32)
+    settings = sampling.as_settings(temperature, top_k, top_p)
+    forward = _forward(model)
+    for i in range(max_new_tokens):
+        context = idx[:, -cfg.block_size:]  # (B, t)
+        t = context.shape[1]
+        padded = min(cfg.block_size, 1 << (t - 1).bit_length())
+        context = jnp.pad(context, ((0, 0), (0, padded - t)))  # (B, padded)
+        logits = forward(params, context)[:, t - 1]  # (B, V)
+        tok = sampling.sample_token(logits, jax.random.fold_in(rng, i), settings)  # (B,)
+        idx = jnp.concatenate([idx, tok[:, None]], axis=1)  # (B, T + i + 1)
+    return idx
 
 
 def format_table(r: dict) -> str:

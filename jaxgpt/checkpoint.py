@@ -13,6 +13,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from jaxgpt import config as config_lib
 from jaxgpt import parallel
 from jaxgpt import tokenizer as tokenizers
 from jaxgpt.errors import UserError
+from jaxgpt.model import make_model
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -72,9 +74,7 @@ def _as_manager(workdir_or_manager):
 
 
 def _tree(state) -> dict:
-    """The arrays of a TrainState (or of a dict with the same fields) that a checkpoint holds."""
-    if isinstance(state, dict):
-        return {k: state[k] for k in STATE_FIELDS}
+    """The arrays of a TrainState that a checkpoint holds."""
     return {k: getattr(state, k) for k in STATE_FIELDS}
 
 
@@ -112,8 +112,7 @@ def save(manager, state, val_loss: float) -> bool:
 def restore(workdir_or_manager, abstract_state, step: int | None = None):
     """Restore the latest (or the given) step into `abstract_state`'s shapes and shardings.
 
-    `abstract_state` is a TrainState (or dict of its fields) of arrays or ShapeDtypeStructs
-    with `.sharding` (jax.eval_shape + parallel.state_sharding, or `abstract_like(state)`):
+    `abstract_state` is a TrainState of arrays or ShapeDtypeStructs with `.sharding` (jax.eval_shape + parallel.state_sharding, or `abstract_like(state)`):
     a checkpoint written on 8 devices restores onto 1 and back. An unreadable step falls back
     to the next newest one with a warning. Returns (state, step).
     """
@@ -143,8 +142,6 @@ def restore(workdir_or_manager, abstract_state, step: int | None = None):
             _warn(f"checkpoint step {s} cannot be read ({reason}); falling back to step "
                   f"{steps[i + 1]}")
             continue
-        if isinstance(abstract_state, dict):
-            return tree, s
         return abstract_state.replace(**tree), s
 
 
@@ -201,6 +198,43 @@ def load_config(workdir) -> ml_collections.ConfigDict:
 
 def load_tokenizer(workdir):
     return tokenizers.load(Path(workdir) / TOKENIZER_FILE)
+
+
+class Run(NamedTuple):
+    """A trained model, ready to sample or evaluate (what `load_run` returns)."""
+
+    config: ml_collections.ConfigDict
+    tokenizer: Any  # tokenizer.CharTokenizer | tokenizer.BPETokenizer
+    model: Any  # model.GPT | model.BigramLanguageModel
+    params: Any
+    step: int
+
+
+def load_run(workdir, checkpoint: str | int = "best") -> Run:
+    """A trained workdir in one call: its config, tokenizer, model and the params of the
+    checkpoint with the lowest val loss ("best"), the newest ("latest") or a given step.
+
+        run = load_run("runs/shakespeare_cpu")
+        logits = run.model.apply({"params": run.params}, idx)
+    """
+    from jaxgpt.training import create_train_state  # training imports this module
+
+    if not Path(workdir).is_dir():
+        raise UserError(f"{workdir}: no such directory; pass a workdir written by train.py")
+    config = load_config(workdir)
+    tokenizer = load_tokenizer(workdir)
+    model = make_model(config, tokenizer.vocab_size)
+    # the checkpoint's shapes, on one device (nothing is initialised for real)
+    mesh = parallel.one_device_mesh()
+    abstract = jax.eval_shape(lambda: create_train_state(config, model, mesh))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, parallel.state_sharding(abstract, mesh))
+    if checkpoint == "best":
+        step = best_step(workdir)  # None if no metrics can be read: then the latest
+    else:
+        step = None if checkpoint == "latest" else int(checkpoint)
+    state, step = restore(workdir, abstract, step)
+    return Run(config, tokenizer, model, state.params, step)
 
 
 def check_compatible(workdir, config, tokenizer) -> None:

@@ -18,21 +18,23 @@ def _one_line(e: Exception) -> str:
     return " ".join(text.split())
 
 
-def parse_flags(argv):
+def parse_flags(argv, positional=()):
     """absl's parser, with ml_collections override errors (a misspelled --config.KEY, a value
-    of the wrong type) turned into one line instead of a traceback."""
+    of the wrong type) turned into one line instead of a traceback; exactly the `positional`
+    arguments (names, for the message) besides the flags."""
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:
         _fail(str(e))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         _fail(f"bad --config override: {_one_line(e)}")
-    if len(rest) > 1:
-        _fail(f"unexpected arguments: {' '.join(rest[1:])}")
+    if len(rest) - 1 != len(positional):
+        expected = f"expected {' '.join(positional)}" if positional else "unexpected arguments"
+        _fail(f"{expected} (got: {' '.join(rest[1:]) or 'none'})")
     return rest
 
 
-def run(main):
+def run(main, positional=()):
     """app.run(main) with UserError printed as `error: ...` (exit 1) and JAX's start-up INFO
     lines hidden unless -v/--verbosity is given."""
 
@@ -49,4 +51,4 @@ def run(main):
         except UserError as e:
             _fail(str(e))
 
-    app.run(wrapped, flags_parser=parse_flags)
+    app.run(wrapped, flags_parser=lambda argv: parse_flags(argv, positional))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxgpt.errors import UserError
-from jaxgpt.model import GPTConfig
+from jaxgpt.model import GPTConfig, fuse_heads
 
 _PREFIX = "_orig_mod."  # torch.compile's wrapper prefixes every key of a compiled model
 _MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
@@ -91,17 +91,6 @@ def from_nanogpt(state_dict, model_args: dict) -> tuple[GPTConfig, dict]:
     return config, _params(_getter(weights, "state_dict"), config, _linear)
 
 
-def _fused_attention(attn: dict, config: GPTConfig) -> dict:
-    """A `MultiHeadAttention`'s per-head key/query/value kernels as one c_attn (q | k | v)."""
-    kernel = [np.concatenate([np.asarray(attn[f"heads_{h}"][name]["kernel"])
-                              for h in range(config.n_head)], axis=1)
-              for name in ("query", "key", "value")]  # each (C, C), head h at columns h*hs
-    c_attn = {"kernel": np.concatenate(kernel, axis=1)}  # (C, 3C)
-    if config.bias:  # the lecture's heads have no bias: zeros are the same function
-        c_attn["bias"] = np.zeros(3 * config.n_embd, np.float32)
-    return {"c_attn": c_attn, "c_proj": attn["c_proj"]}
-
-
 def to_nanogpt(config: GPTConfig, params) -> tuple[dict, dict]:
     """jaxgpt params -> (nanoGPT state_dict of numpy arrays, model_args); inverts from_nanogpt.
 
@@ -127,7 +116,7 @@ def to_nanogpt(config: GPTConfig, params) -> tuple[dict, dict]:
 
     for i in range(config.n_layer):
         h, p = f"transformer.h.{i}", params[f"h_{i}"]
-        attn = p["attn"] if config.attention == "fused" else _fused_attention(p["attn"], config)
+        attn = p["attn"] if config.attention == "fused" else fuse_heads(p["attn"], config)
         norm(f"{h}.ln_1", p["ln_1"])
         dense(f"{h}.attn.c_attn", attn["c_attn"])
         dense(f"{h}.attn.c_proj", attn["c_proj"])

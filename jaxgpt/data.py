@@ -3,14 +3,13 @@
 `shakespeare_char` reads `config.data_path` if set, else downloads tiny Shakespeare once into
 `config.data_dir` (default ~/.cache/jaxgpt). `char` is any local UTF-8 text file, char-level.
 Any other dataset name (`openwebtext`, ...) is a directory of GPT-2 BPE token files
-(`train.bin`/`val.bin`, uint16, nanoGPT's format; `prepare_bpe` or `python -m jaxgpt.data
-prepare` writes them), sampled on the host through np.memmap.
+(`train.bin`/`val.bin`, uint16, nanoGPT's format; `python -m jaxgpt.prepare` writes them),
+sampled on the host through np.memmap. `batches(...)` picks the batch source the train loop uses.
 """
 
 import dataclasses
 import json
 import os
-import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -50,17 +49,17 @@ def read_text(config) -> str:
         if not path.is_file():
             raise UserError(f"config.data_path={config.data_path}: no such file; point "
                             "--config.data_path at a UTF-8 text file")
-        return _read_utf8(path)
+        return read_utf8(path)
     if config.dataset != "shakespeare_char":
         raise UserError(f"dataset {config.dataset!r} has no download: set "
                         "--config.data_path=/path/to/text.txt")
     path = cache_dir(config) / "shakespeare_char" / "input.txt"
     if not path.is_file():
         _download(SHAKESPEARE_URL, path)
-    return _read_utf8(path)
+    return read_utf8(path)
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -106,92 +105,10 @@ def get_batch(data: jax.Array, key: jax.Array, batch_size: int, block_size: int)
     return window[:, :-1], window[:, 1:]  # (B, T), (B, T)
 
 
-def synthetic_text(n_chars: int = 5000, seed: int = 0) -> str:
-    """A small learnable text for tests: short words from a fixed vocabulary, with newlines."""
-    rng = np.random.default_rng(seed)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
-    out, size = [], 0
-    while size < n_chars:
-        line = " ".join(rng.choice(words, size=rng.integers(3, 8))) + ".\n"
-        out.append(line)
-        size += len(line)
-    return "".join(out)[:n_chars]
-
-
 # ---------------------------------------------------------------------------------------------
-# GPT-2 BPE token files (nanoGPT's format): train.bin / val.bin, flat uint16, read by np.memmap
+# GPT-2 BPE token files (nanoGPT's format, written by jaxgpt/prepare.py), read by np.memmap
 
 BIN_DTYPE = np.uint16  # GPT-2's 50257 ids fit; nanoGPT's data/openwebtext/prepare.py writes this
-TEXT_SUFFIXES = (".txt", ".jsonl")
-
-
-def _text_chunks(path: Path, chunk_bytes: int = 2**24):
-    """A text file in pieces of about `chunk_bytes`, cut after a newline (memory stays flat on
-    a multi-GB file; BPE may merge differently only across the few cuts)."""
-    if path.stat().st_size <= chunk_bytes:
-        yield _read_utf8(path)
-        return
-    with path.open(encoding="utf-8") as f:
-        while chunk := "".join(f.readlines(chunk_bytes)):
-            yield chunk
-
-
-def _documents(source: Path):
-    """Yield the source's documents, each as a list of text pieces: a .txt file is one, a .jsonl
-    file one per line ("text" field, as a Hugging Face dataset exports with `ds.to_json`), a
-    directory all of those in it."""
-    files = sorted(p for p in source.rglob("*") if p.suffix in TEXT_SUFFIXES) \
-        if source.is_dir() else [source]
-    if not files or not all(f.is_file() for f in files):
-        raise UserError(f"{source}: no .txt or .jsonl files; pass a text file, a JSONL file "
-                        "with a 'text' field per line, or a directory of them")
-    for f in files:
-        if f.suffix == ".jsonl":
-            with f.open(encoding="utf-8") as lines:
-                for n, line in enumerate(lines, 1):
-                    if line.strip():
-                        try:
-                            yield [json.loads(line)["text"]]
-                        except (json.JSONDecodeError, KeyError, TypeError):
-                            raise UserError(f"{f}:{n}: not a JSON object with a 'text' field")
-        else:
-            yield _text_chunks(f)
-
-
-def prepare_bpe(source, out_dir, val_fraction: float = 0.1, tokenizer=None) -> dict:
-    """Tokenize local text with GPT-2's BPE into OUT_DIR/{train,val}.bin (uint16) + meta.json.
-
-    As nanoGPT's prepare.py: every document ends with the end-of-text token; the first
-    (1 - val_fraction) of the tokens are train, the rest val (OpenWebText: val_fraction=0.0005).
-    Tokens stream to disk, so the corpus never has to fit in memory. `tokenizer`: GPT-2's BPE
-    unless given (tests pass one that needs no download).
-    """
-    source, out_dir = Path(source).expanduser(), Path(out_dir).expanduser()
-    if not source.exists():
-        raise UserError(f"{source}: no such file or directory")
-    if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"val_fraction={val_fraction}: must be between 0 and 1")
-    tok = tokenizer or tokenizers.BPETokenizer()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    all_path = out_dir / "all.bin.part"
-    with all_path.open("wb") as f:
-        for doc in _documents(source):
-            for piece in doc:
-                f.write(np.array(tok.encode(piece), dtype=BIN_DTYPE).tobytes())
-            f.write(np.array([tok.eot_token], dtype=BIN_DTYPE).tobytes())
-    tokens = np.memmap(all_path, dtype=BIN_DTYPE, mode="r")
-    n_val = max(1, int(len(tokens) * val_fraction))
-    n_train = len(tokens) - n_val
-    for name, part in (("train", tokens[:n_train]), ("val", tokens[n_train:])):
-        tmp = out_dir / f"{name}.bin.part"
-        part.tofile(tmp)
-        tmp.replace(out_dir / f"{name}.bin")
-    del tokens
-    all_path.unlink()
-    meta = {"tokenizer": tok.to_dict(), "vocab_size": tok.vocab_size, "dtype": "uint16",
-            "train_tokens": n_train, "val_tokens": n_val}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
-    return meta
 
 
 def bin_dir(config) -> Path:
@@ -206,7 +123,7 @@ def load_bins(config) -> Dataset:
     d = bin_dir(config)
     if not (d / "train.bin").is_file() or not (d / "val.bin").is_file():
         raise UserError(f"config.dataset={config.dataset!r}: no train.bin/val.bin in {d}; "
-                        f"prepare them with `python -m jaxgpt.data prepare TEXT {d}` or set "
+                        f"prepare them with `python -m jaxgpt.prepare TEXT {d}` or set "
                         "--config.data_dir (char-level datasets: shakespeare_char, char)")
     meta_path = d / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}  # nanoGPT's bins
@@ -224,7 +141,42 @@ def load_bins(config) -> Dataset:
 
 
 # ---------------------------------------------------------------------------------------------
-# Host-side batches for memmapped data: each process reads only its rows of the global batch
+# Batch sources. Both feed the same compiled multi-step train call (training.train_steps): the
+# call takes `train_data(step, n)` as an argument and `train_batch(data, i, key)` gives step i's
+# (x, y), each (A, B, T) = (gradient accumulation, batch, block). The step never knows where its
+# batch came from.
+
+
+class DeviceBatches:
+    """Small datasets (a character-level text): both splits replicated on every device, each
+    batch drawn inside the compiled call from the step's key, with no host work between steps."""
+
+    def __init__(self, dataset: Dataset, config, mesh):
+        self.splits = {"train": parallel.put_replicated(dataset.train, mesh),
+                       "val": parallel.put_replicated(dataset.val, mesh)}
+        self.accum, self.batch_size = config.gradient_accumulation_steps, config.batch_size
+        self.block_size, self.mesh = config.block_size, mesh
+
+    def train_data(self, step: int, n: int):
+        return self.splits["train"]
+
+    def eval_data(self, split: str, key):
+        return self.splits[split]
+
+    def _draw(self, data, key, shape):
+        x, y = get_batch(data, key, int(np.prod(shape)), self.block_size)  # (A*B, T)
+        sharding = parallel.batch_sharding(self.mesh, leading=len(shape) - 1)
+        return tuple(jax.lax.with_sharding_constraint(t.reshape(*shape, self.block_size),
+                                                      sharding) for t in (x, y))
+
+    def train_batch(self, data, i, key):
+        return self._draw(data, key, (self.accum, self.batch_size))  # (A, B, T) each
+
+    def eval_batch(self, data, i, key):
+        return self._draw(data, key, (self.batch_size,))  # (B, T) each
+
+    def close(self):
+        pass
 
 
 def local_batch(data: np.ndarray, seed, step: int, shape, block_size: int, rows: np.ndarray):
@@ -240,25 +192,28 @@ def local_batch(data: np.ndarray, seed, step: int, shape, block_size: int, rows:
 
 
 class HostBatches:
-    """Global (n, A, B, T) batches for steps s, s+1, ...: a thread samples `prefetch` steps ahead
-    of the device, each process reads only its rows, `make_array_from_process_local_data`
-    assembles the global array."""
+    """Token files (np.memmap) too large for the device: batches sampled on the host, a thread
+    `prefetch` steps ahead of the device; each process reads only its rows of the global batch
+    and `make_array_from_process_local_data` assembles it."""
 
-    def __init__(self, data, *, seed, accum: int, batch_size: int, block_size: int, sharding,
-                 prefetch: int = 4):
-        self.data, self.seed, self.block_size = data, seed, block_size
-        self.shape = (accum, batch_size)  # (A, B)
-        self.sharding = sharding
-        self.rows = parallel.local_rows(sharding, (1, accum, batch_size, block_size), axis=2)
+    def __init__(self, dataset: Dataset, config, mesh, prefetch: int = 4):
+        self.splits = {"train": dataset.train, "val": dataset.val}
+        self.seed, self.block_size = config.seed, config.block_size
+        self.shape = (config.gradient_accumulation_steps, config.batch_size)  # (A, B)
+        self.eval_shape = (config.eval_iters, config.batch_size)
+        self.sharding = parallel.batch_sharding(mesh, leading=2)  # (n, A, B, T): B split
+        self.rows = parallel.local_rows(self.sharding, (1, *self.shape, 1), axis=2)
+        self.eval_sharding = parallel.batch_sharding(mesh, leading=1)  # (eval_iters, B, T)
+        self.eval_rows = parallel.local_rows(self.eval_sharding, (*self.eval_shape, 1), axis=1)
         self.prefetch = prefetch
         self.thread, self.next_step = None, None
 
     def _produce(self, step, queue, stop):
         while not stop.is_set():
             try:
-                item = local_batch(self.data, self.seed, step, self.shape, self.block_size,
-                                   self.rows)
-            except Exception as e:  # surfaces in get(), in the training thread
+                item = local_batch(self.splits["train"], (self.seed, 0), step, self.shape,
+                                   self.block_size, self.rows)
+            except Exception as e:  # surfaces in train_data(), in the training thread
                 item = e
             while not stop.is_set():
                 try:
@@ -276,9 +231,9 @@ class HostBatches:
         self.thread.start()
         self.next_step = step
 
-    def get(self, step: int, n: int):
-        """(x, y), each a global (n, A, B, T) int32 array sharded over the batch axis."""
-        if self.thread is None or step != self.next_step:
+    def train_data(self, step: int, n: int):
+        """(x, y) for steps step..step+n-1, each a global (n, A, B, T) int32 array."""
+        if self.thread is None or step != self.next_step:  # first call, or a resumed run
             self._restart(step)
         items = [self.queue.get() for _ in range(n)]
         for item in items:
@@ -289,36 +244,28 @@ class HostBatches:
         return tuple(parallel.put_process_local(np.stack(t), self.sharding, shape)
                      for t in zip(*items))  # (n, A, r, T) local -> (n, A, B, T) global
 
+    def eval_data(self, split: str, key):
+        """(x, y), each (eval_iters, B, T): the windows come from the eval key."""
+        seed = (self.seed, 1, *np.asarray(jax.random.key_data(key)).tolist())
+        local = local_batch(self.splits[split], seed, 0, self.eval_shape, self.block_size,
+                            self.eval_rows)
+        return tuple(parallel.put_process_local(t, self.eval_sharding,
+                                                (*self.eval_shape, self.block_size))
+                     for t in local)
+
+    def train_batch(self, data, i, key):
+        return data[0][i], data[1][i]  # (A, B, T) each
+
+    eval_batch = train_batch  # (B, T) each
+
     def close(self):
+        """Stop the prefetch thread (the loop calls it when it ends)."""
         if self.thread is not None:
             self.stop.set()
             self.thread.join()
             self.thread = None
 
 
-def _prepare_main(argv) -> None:
-    """python -m jaxgpt.data prepare SOURCE OUT_DIR [--val_fraction F]"""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m jaxgpt.data",
-                                     description="Tokenize local text with GPT-2 BPE into "
-                                     "train.bin/val.bin (uint16, nanoGPT's format) + meta.json.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="SOURCE: a .txt file, a .jsonl file with a 'text' "
-                          "field per line, or a directory of them")
-    prep.add_argument("source")
-    prep.add_argument("out_dir")
-    prep.add_argument("--val_fraction", type=float, default=0.1,
-                      help="0.1 as the lecture; nanoGPT's OpenWebText uses 0.0005")
-    args = parser.parse_args(argv)
-    try:
-        meta = prepare_bpe(args.source, args.out_dir, args.val_fraction)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"train.bin has {meta['train_tokens']:,} tokens, val.bin {meta['val_tokens']:,} "
-          f"({args.out_dir})")
-
-
-if __name__ == "__main__":
-    _prepare_main(sys.argv[1:])
+def batches(dataset: Dataset, config, mesh):
+    """The batch source for a dataset: on the host for token files, else on the device."""
+    return (HostBatches if dataset.on_host else DeviceBatches)(dataset, config, mesh)

@@ -5,7 +5,9 @@ one batched op (`CausalSelfAttention`, the lecture's exercise 1 and nanoGPT's fo
 `FeedForward` -> `Block` (residuals, pre-LayerNorm, dropout) -> `GPT`.
 
 Submodule names follow nanoGPT/GPT-2 (`wte`, `wpe`, `h_0`, `c_attn`, `c_proj`, `ln_f`) so weights
-import by name (see convert.py).
+import by name (see convert.py). Sampling's KV cache lives in `CausalSelfAttention` alone: it is
+passed in and returned as a value, and a `heads` model is sampled through its fused form
+(`fused`, below).
 """
 
 import dataclasses
@@ -15,7 +17,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.config import resolve_dtype
 from jaxgpt.errors import UserError
 
 ACTIVATIONS = {
@@ -23,11 +24,30 @@ ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),  # nanoGPT (torch's nn.GELU(), exact erf)
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),  # GPT-2's original; cheaper backward
 }
+ATTENTIONS = ("fused", "heads")  # one batched op (exercise 1, nanoGPT) | one `Head` per head
+ATTENTION_IMPLS = ("softmax", "xla", "cudnn")  # explicit softmax | jax.nn.dot_product_attention
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on GPU/TPU, float32 on CPU
+
+
+def resolve_dtype(name: str) -> str:
+    """"auto" is bfloat16 where the hardware has fast bfloat16 matmuls (GPU, TPU) and float32 on
+    CPU (where bfloat16 is emulated, and slower); any other name is itself."""
+    if name != "auto":
+        return name
+    return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
+
+
+def _one_of(key, value, allowed):
+    if value not in allowed:
+        raise UserError(f"{key}={value!r}: must be one of {', '.join(allowed)}")
 
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
-    """The model's hyperparameters (nanoGPT's GPTConfig, plus the lecture's variants)."""
+    """The model's hyperparameters (nanoGPT's GPTConfig, plus the lecture's variants).
+
+    It owns the checks of every model key: a run's config is validated by building one.
+    """
 
     block_size: int = 1024
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64, as nanoGPT
@@ -44,13 +64,22 @@ class GPTConfig:
     remat: bool = False  # recompute each Block in the backward pass (jax.checkpoint)
 
     def __post_init__(self):
+        for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"{key}={getattr(self, key)}: must be a positive integer")
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                             "pick n_embd a multiple of n_head")
-        if self.activation not in ACTIVATIONS:
-            raise UserError(f"activation={self.activation!r}: must be one of {', '.join(ACTIVATIONS)}")
-        if self.attention not in ("fused", "heads"):
-            raise UserError(f"attention={self.attention!r}: must be 'fused' or 'heads'")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout={self.dropout}: must be in [0, 1)")
+        _one_of("activation", self.activation, tuple(ACTIVATIONS))
+        _one_of("attention", self.attention, ATTENTIONS)
+        _one_of("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _one_of("dtype", self.dtype, DTYPES)
+        if self.attention_impl == "cudnn" and (jax.default_backend() != "gpu" or
+                                               resolve_dtype(self.dtype) == "float32"):
+            raise UserError("attention_impl='cudnn' needs a GPU and dtype bfloat16 or float16: "
+                            "use attention_impl='xla' here")
 
     @property
     def head_size(self) -> int:
@@ -71,30 +100,38 @@ class GPTConfig:
 # Building blocks
 
 
-def _dense(config: GPTConfig, features: int, name: str, *, use_bias: bool, std: float = 0.02):
-    return nn.Dense(features, use_bias=use_bias, dtype=config.compute_dtype,
-                    param_dtype=jnp.float32, kernel_init=nn.initializers.normal(std),
-                    bias_init=nn.initializers.zeros, name=name)
+def as_2d(f, x: jax.Array) -> jax.Array:
+    """`f` (a matmul on the last axis) applied to (..., C) as one (N, C) matmul.
+
+    Same math; XLA:CPU's backward of a dense layer on 3-D activations (dW contracting over B and
+    T) is ~2.5x slower than on a flattened 2-D one, and flattening costs nothing on GPU/TPU.
+    """
+    return f(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
-def _residual_std(config: GPTConfig) -> float:
+class Dense(nn.Dense):
+    """nn.Dense (torch's nn.Linear), run on (..., C) inputs as one 2-D matmul (`as_2d`)."""
+
+    @nn.compact
+    def __call__(self, x):
+        return as_2d(super().__call__, x)
+
+
+def dense(config: GPTConfig, features: int, *, bias: bool, std: float = 0.02) -> Dense:
+    """A linear layer with GPT-2's init (normal(std), zero bias), float32 params."""
+    return Dense(features, use_bias=bias, dtype=config.compute_dtype, param_dtype=jnp.float32,
+                 kernel_init=nn.initializers.normal(std), bias_init=nn.initializers.zeros)
+
+
+def residual_std(config: GPTConfig) -> float:
     # GPT-2: scale the init of projections that write into the residual stream by
     # 1/sqrt(2 * n_layer), since each of the n_layer blocks adds two of them to it.
     return 0.02 / math.sqrt(2 * config.n_layer)
 
 
-def linear(layer: nn.Dense, x: jax.Array) -> jax.Array:
-    """`layer` on (..., C) as one (N, C) matmul.
-
-    Same math; XLA:CPU's backward of a dense layer on 3-D activations (dW contracting over B and
-    T) is ~2.5x slower than on a flattened 2-D one, and flattening costs nothing on GPU/TPU.
-    """
-    return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], layer.features)
-
-
-def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
+def layer_norm(config: GPTConfig) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=1e-5, use_bias=config.bias, dtype=config.compute_dtype,
-                        param_dtype=jnp.float32, name=name)
+                        param_dtype=jnp.float32)
 
 
 def causal_mask(T: int) -> jax.Array:
@@ -102,21 +139,14 @@ def causal_mask(T: int) -> jax.Array:
     return jnp.tril(jnp.ones((T, T), dtype=bool))
 
 
-def cached_mask(T: int, pos, S: int) -> jax.Array:
-    """(T, S): query t (at position pos + t) may look at cache slots <= pos + t.
+def attention_mask(T: int, S: int, pos=0) -> jax.Array:
+    """(T, S): query t, at position pos + t, may look at key slots <= pos + t.
 
-    Slots past the current position hold stale or padding keys; the mask hides them until
-    they are overwritten, so one fixed-shape cache serves every length.
+    Training has S = T and pos = 0: `causal_mask(T)`. Sampling writes into a fixed-shape cache
+    of S = block_size slots; slots past the current position hold stale or padding keys, and the
+    mask hides them until they are overwritten, so one cache shape serves every length.
     """
     return (pos + jnp.arange(T))[:, None] >= jnp.arange(S)[None, :]
-
-
-def update_cache(cache, k, v, pos, axis: int):
-    """Write the new k, v (T positions) into the fixed-shape (k, v) cache at slot `pos`."""
-    k_cache, v_cache = cache
-    k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis)
-    v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos, axis)
-    return k, v
 
 
 def weighted_average(x: jax.Array) -> jax.Array:
@@ -131,23 +161,8 @@ def weighted_average(x: jax.Array) -> jax.Array:
     return wei @ x  # (T, T) @ (B, T, C) -> (B, T, C)
 
 
-def masked_softmax_attention(q, k, v, mask, dropout: nn.Dropout, deterministic: bool):
-    """softmax(q k^T / sqrt(hs), masked) v over the last two axes, in float32.
-
-    q: (..., Tq, hs), k, v: (..., Tk, hs), mask: (Tq, Tk) bool (True = may attend).
-    """
-    hs = q.shape[-1]
-    # affinities accumulated and kept in float32 even when q, k are bfloat16 / float16
-    wei = jnp.matmul(q, jnp.swapaxes(k, -2, -1), preferred_element_type=jnp.float32)
-    wei = wei * hs**-0.5  # (..., Tq, hs) @ (..., hs, Tk) -> (..., Tq, Tk)
-    wei = jnp.where(mask, wei, -jnp.inf)  # (..., Tq, Tk)
-    wei = jax.nn.softmax(wei, axis=-1).astype(v.dtype)  # (..., Tq, Tk)
-    wei = dropout(wei, deterministic=deterministic)
-    return wei @ v  # (..., Tq, Tk) @ (..., Tk, hs) -> (..., Tq, hs)
-
-
 # ---------------------------------------------------------------------------------------------
-# Attention, the lecture's way and the batched way
+# Attention, the lecture's way
 
 
 class Head(nn.Module):
@@ -155,92 +170,104 @@ class Head(nn.Module):
 
     config: GPTConfig
 
-    @nn.compact
-    def __call__(self, x, deterministic: bool = True, cache=None, pos=0):
-        """x (B, T, C) -> (B, T, hs); with `cache` ((B, block_size, hs) k and v, the keys and
-        values of positions < pos), x holds positions pos.. and it returns (out, new cache)."""
+    def setup(self):
         cfg = self.config
-        T = x.shape[1]
-        key = _dense(cfg, cfg.head_size, "key", use_bias=False)
-        query = _dense(cfg, cfg.head_size, "query", use_bias=False)
-        value = _dense(cfg, cfg.head_size, "value", use_bias=False)
-        k = linear(key, x)  # (B, T, hs)
-        q = linear(query, x)  # (B, T, hs)
-        v = linear(value, x)  # (B, T, hs)
-        if cache is not None:  # sampling: attend to every cached position up to our own
-            k, v = update_cache(cache, k, v, pos, axis=1)  # (B, block_size, hs) each
-            out = masked_softmax_attention(q, k, v, cached_mask(T, pos, cfg.block_size),
-                                           nn.Dropout(cfg.dropout), True)  # (B, T, hs)
-            return out, (k, v)
-        # scaled by head_size ** -0.5 (the lecture's fix: the head size, not C)
-        return masked_softmax_attention(q, k, v, causal_mask(T), nn.Dropout(cfg.dropout),
-                                        deterministic)  # (B, T, hs)
+        self.key = dense(cfg, cfg.head_size, bias=False)
+        self.query = dense(cfg, cfg.head_size, bias=False)
+        self.value = dense(cfg, cfg.head_size, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def __call__(self, x, deterministic: bool = True):
+        B, T, C = x.shape
+        k = self.key(x)  # (B, T, hs)
+        q = self.query(x)  # (B, T, hs)
+        # affinities, scaled by head_size ** -0.5 so their variance stays ~1 at init
+        wei = q @ k.swapaxes(-2, -1) * k.shape[-1] ** -0.5  # (B, T, hs) @ (B, hs, T) -> (B, T, T)
+        wei = jnp.where(causal_mask(T), wei, -jnp.inf)  # (B, T, T) a decoder: no future
+        wei = jax.nn.softmax(wei.astype(jnp.float32), axis=-1).astype(x.dtype)  # (B, T, T)
+        wei = self.dropout(wei, deterministic=deterministic)
+        v = self.value(x)  # (B, T, hs)
+        return wei @ v  # (B, T, T) @ (B, T, hs) -> (B, T, hs)
 
 
 class MultiHeadAttention(nn.Module):
-    """Multiple heads of self-attention in parallel, concatenated, then projected."""
+    """Multiple heads of self-attention in parallel."""
 
     config: GPTConfig
 
-    @nn.compact
-    def __call__(self, x, deterministic: bool = True, cache=None, pos=0):
+    def setup(self):
         cfg = self.config
-        heads = [Head(cfg, name=f"heads_{i}") for i in range(cfg.n_head)]
-        if cache is None:
-            out = jnp.concatenate([h(x, deterministic) for h in heads], axis=-1)  # (B, T, C)
-        else:  # head i owns slice i of the (B, nh, block_size, hs) cache
-            outs = [h(x, True, (cache[0][:, i], cache[1][:, i]), pos) for i, h in enumerate(heads)]
-            out = jnp.concatenate([o for o, _ in outs], axis=-1)  # (B, T, C)
-            cache = tuple(jnp.stack([c[j] for _, c in outs], axis=1) for j in (0, 1))
-        proj = _dense(cfg, cfg.n_embd, "c_proj", use_bias=cfg.bias, std=_residual_std(cfg))
-        out = linear(proj, out)  # (B, T, C) the lecture's `proj`
-        out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
-        return out if cache is None else (out, cache)
+        self.heads = [Head(cfg) for _ in range(cfg.n_head)]
+        self.c_proj = dense(cfg, cfg.n_embd, bias=cfg.bias, std=residual_std(cfg))  # `proj`
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def __call__(self, x, deterministic: bool = True):
+        out = jnp.concatenate([h(x, deterministic) for h in self.heads], axis=-1)  # (B, T, C)
+        return self.dropout(self.c_proj(out), deterministic=deterministic)  # (B, T, C)
+
+
+# ---------------------------------------------------------------------------------------------
+# All heads in one batched op: the form that trains fast and samples with a KV cache
+
+
+def update_cache(cache, k, v, pos):
+    """Write k, v (B, nh, T, hs) into the fixed-shape cache (B, nh, S, hs) at slot `pos`."""
+    k_cache, v_cache = cache
+    k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis=2)
+    v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos, axis=2)
+    return k, v
 
 
 class CausalSelfAttention(nn.Module):
-    """All heads in one batched op: one (C, 3C) projection for q, k, v (exercise 1, nanoGPT)."""
+    """All heads in one batched op: one (C, 3C) projection for q, k, v (exercise 1, nanoGPT).
+
+    One path for training and sampling: with a KV cache, this call's keys and values are written
+    into it first, then the queries attend to every slot up to their own position.
+    """
 
     config: GPTConfig
 
-    @nn.compact
+    def setup(self):
+        cfg = self.config
+        self.c_attn = dense(cfg, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = dense(cfg, cfg.n_embd, bias=cfg.bias, std=residual_std(cfg))
+        self.attn_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
     def __call__(self, x, deterministic: bool = True, cache=None, pos=0):
-        cfg = self.config
+        """x (B, T, C) at positions pos.. -> (y (B, T, C), cache).
+
+        `cache` (sampling): (k, v), each (B, nh, block_size, hs), holding positions < pos; the
+        returned one holds positions < pos + T. Training passes none and gets None back.
+        """
         B, T, C = x.shape
-        nh, hs = cfg.n_head, cfg.head_size
-        qkv = linear(_dense(cfg, 3 * C, "c_attn", use_bias=cfg.bias), x)  # (B, T, 3C)
-        q, k, v = jnp.split(qkv, 3, axis=-1)  # 3 x (B, T, C), each head's columns side by side
-        q, k, v = (t.reshape(B, T, nh, hs) for t in (q, k, v))  # (B, T, nh, hs)
-        if cache is None:
-            y = self.attend(q, k, v, deterministic)  # (B, T, nh, hs)
-        else:
-            y, cache = self.attend_cached(q, k, v, cache, pos)  # (B, T, nh, hs)
-        y = y.reshape(B, T, C)  # re-assemble all head outputs side by side
-        y = linear(_dense(cfg, C, "c_proj", use_bias=cfg.bias, std=_residual_std(cfg)), y)
-        y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)  # (B, T, C)
-        return y if cache is None else (y, cache)
+        nh = self.config.n_head
+        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # 3 x (B, T, C)
+        q, k, v = (t.reshape(B, T, nh, C // nh).swapaxes(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache = update_cache(cache, k, v, pos)  # (B, nh, S, hs) each
+        y = self.attend(q, k, v, pos, deterministic)  # (B, nh, T, hs)
+        y = y.swapaxes(1, 2).reshape(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y), deterministic=deterministic), cache  # (B, T, C)
 
-    def attend_cached(self, q, k, v, cache, pos):
-        """Sampling: write k, v at slot `pos` of the (B, nh, block_size, hs) cache, attend to
-        every slot up to each query's position. Explicit softmax: at one query it is a matvec."""
-        q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        k, v = update_cache(cache, k, v, pos, axis=2)  # (B, nh, block_size, hs) each
-        mask = cached_mask(q.shape[2], pos, self.config.block_size)  # (T, block_size)
-        y = masked_softmax_attention(q, k, v, mask, nn.Dropout(0.0), True)  # (B, nh, T, hs)
-        return jnp.swapaxes(y, 1, 2), (k, v)  # (B, T, nh, hs)
-
-    def attend(self, q, k, v, deterministic):
-        """(B, T, nh, hs) q, k, v -> (B, T, nh, hs) causal attention output."""
+    def attend(self, q, k, v, pos, deterministic):
+        """q (B, nh, T, hs), k, v (B, nh, S, hs) -> (B, nh, T, hs), query t at position pos + t."""
         cfg = self.config
-        T = q.shape[1]
-        fused_ok = cfg.attention_impl != "softmax" and (deterministic or cfg.dropout == 0.0)
-        if fused_ok:  # the fused kernel has no attention dropout: inference / dropout-free recipes
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                implementation=cfg.attention_impl)
-        q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        y = masked_softmax_attention(q, k, v, causal_mask(T), nn.Dropout(cfg.dropout),
-                                     deterministic)  # (B, nh, T, hs)
-        return jnp.swapaxes(y, 1, 2)  # (B, T, nh, hs)
+        T, S = q.shape[2], k.shape[2]
+        if cfg.attention_impl != "softmax" and (deterministic or cfg.dropout == 0.0):
+            # the fused kernel has no attention dropout: inference and dropout-free recipes
+            q, k, v = (t.swapaxes(1, 2) for t in (q, k, v))  # (B, T|S, nh, hs) its layout
+            mask = None if S == T else attention_mask(T, S, pos)  # S == T: plain causal
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=S == T,
+                                             implementation=cfg.attention_impl)
+            return y.swapaxes(1, 2)  # (B, nh, T, hs)
+        # affinities accumulated and kept in float32 even when q, k are bfloat16 / float16
+        wei = jnp.matmul(q, k.swapaxes(-2, -1), preferred_element_type=jnp.float32)
+        wei = wei * q.shape[-1] ** -0.5  # (B, nh, T, hs) @ (B, nh, hs, S) -> (B, nh, T, S)
+        wei = jnp.where(attention_mask(T, S, pos), wei, -jnp.inf)  # (B, nh, T, S)
+        wei = jax.nn.softmax(wei, axis=-1).astype(v.dtype)  # (B, nh, T, S)
+        wei = self.attn_dropout(wei, deterministic=deterministic)
+        return wei @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,41 +275,43 @@ class CausalSelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """A linear layer, a non-linearity, a projection back: the per-token computation (MLP)."""
+    """A simple linear layer followed by a non-linearity: the per-token computation (MLP)."""
 
     config: GPTConfig
 
-    @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def setup(self):
         cfg = self.config
-        h = linear(_dense(cfg, 4 * cfg.n_embd, "c_fc", use_bias=cfg.bias), x)  # (B, T, 4C)
-        h = ACTIVATIONS[cfg.activation](h)  # (B, T, 4C)
-        y = linear(_dense(cfg, cfg.n_embd, "c_proj", use_bias=cfg.bias, std=_residual_std(cfg)),
-                   h)  # (B, T, C)
-        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+        self.c_fc = dense(cfg, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = dense(cfg, cfg.n_embd, bias=cfg.bias, std=residual_std(cfg))
+        self.dropout = nn.Dropout(cfg.dropout)
 
-
-MLP = FeedForward  # nanoGPT's name
+    def __call__(self, x, deterministic: bool = True):
+        h = ACTIVATIONS[self.config.activation](self.c_fc(x))  # (B, T, 4C)
+        return self.dropout(self.c_proj(h), deterministic=deterministic)  # (B, T, C)
 
 
 class Block(nn.Module):
-    """Transformer block: communication (attention) followed by computation (feed-forward)."""
+    """Transformer block: communication followed by computation."""
 
     config: GPTConfig
 
-    @nn.compact
-    def __call__(self, x, deterministic: bool = True, cache=None, pos=0):
+    def setup(self):
         cfg = self.config
-        attention = CausalSelfAttention if cfg.attention == "fused" else MultiHeadAttention
-        attn = attention(cfg, name="attn")
-        # pre-LayerNorm, and residual connections: x + f(ln(x)) keeps a clean gradient path
-        if cache is None:
-            x = x + attn(_layer_norm(cfg, "ln_1")(x), deterministic)  # (B, T, C)
+        self.ln_1 = layer_norm(cfg)
+        self.attn = (CausalSelfAttention if cfg.attention == "fused" else MultiHeadAttention)(cfg)
+        self.ln_2 = layer_norm(cfg)
+        self.mlp = FeedForward(cfg)
+
+    def __call__(self, x, deterministic: bool = True, cache=None, pos=0):
+        """x (B, T, C) -> (x, cache): pre-LayerNorm, and residual connections (x + f(ln(x))
+        keeps a clean gradient path through depth). The cache is CausalSelfAttention's."""
+        if isinstance(self.attn, MultiHeadAttention):  # the lecture's form: never cached
+            x = x + self.attn(self.ln_1(x), deterministic)  # (B, T, C)
         else:
-            a, cache = attn(_layer_norm(cfg, "ln_1")(x), deterministic, cache, pos)
-            x = x + a  # (B, T, C)
-        x = x + FeedForward(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x), deterministic)  # (B, T, C)
-        return x if cache is None else (x, cache)
+            y, cache = self.attn(self.ln_1(x), deterministic, cache, pos)
+            x = x + y  # (B, T, C)
+        x = x + self.mlp(self.ln_2(x), deterministic)  # (B, T, C)
+        return x, cache
 
 
 class GPT(nn.Module):
@@ -290,7 +319,20 @@ class GPT(nn.Module):
 
     config: GPTConfig
 
-    @nn.compact
+    def setup(self):
+        cfg = self.config
+        init = nn.initializers.normal(0.02)
+        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init,
+                            dtype=cfg.compute_dtype)
+        self.wpe = nn.Embed(cfg.block_size, cfg.n_embd, embedding_init=init,
+                            dtype=cfg.compute_dtype)
+        self.drop = nn.Dropout(cfg.dropout)
+        block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
+        self.h = [block(cfg) for _ in range(cfg.n_layer)]
+        self.ln_f = layer_norm(cfg)
+        if not cfg.tie_weights:  # the lecture's own output layer
+            self.lm_head = dense(cfg, cfg.vocab_size, bias=False)
+
     def __call__(self, idx, deterministic: bool = True, cache=None, pos=0):
         """idx (B, T) -> logits (B, T, vocab).
 
@@ -302,30 +344,20 @@ class GPT(nn.Module):
         if T > cfg.block_size:
             raise UserError(f"cannot forward a sequence of length {T}: block_size is only "
                             f"{cfg.block_size} (crop the input to the last block_size tokens)")
-        init = nn.initializers.normal(0.02)
-        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init,
-                       dtype=cfg.compute_dtype, name="wte")
-        wpe = nn.Embed(cfg.block_size, cfg.n_embd, embedding_init=init,
-                       dtype=cfg.compute_dtype, name="wpe")
-        tok_emb = wte(idx)  # (B, T, C)
-        pos_emb = wpe(pos + jnp.arange(T))  # (T, C)
-        x = nn.Dropout(cfg.dropout)(tok_emb + pos_emb, deterministic=deterministic)  # (B, T, C)
-        block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
-        new_cache = []
-        for i in range(cfg.n_layer):
-            if cache is None:
-                x = block(cfg, name=f"h_{i}")(x, deterministic)  # (B, T, C)
-            else:
-                x, layer_cache = block(cfg, name=f"h_{i}")(x, deterministic, cache[i], pos)
-                new_cache.append(layer_cache)
-        x = _layer_norm(cfg, "ln_f")(x)  # (B, T, C)
-        if cfg.tie_weights:  # the output layer reuses the token embedding (nanoGPT, GPT-2)
-            logits = wte.attend(x.reshape(B * T, -1)).reshape(B, T, -1)  # (B, T, vocab)
-        else:
-            lm_head = _dense(cfg, cfg.vocab_size, "lm_head", use_bias=False)
-            logits = linear(lm_head, x)  # (B, T, vocab)
+        if cache is not None and cfg.attention == "heads":
+            raise UserError("the per-head (attention='heads') modules carry no KV cache: "
+                            "sample through model.fused(model, params)")
+        tok_emb = self.wte(idx)  # (B, T, C)
+        pos_emb = self.wpe(pos + jnp.arange(T))  # (T, C)
+        x = self.drop(tok_emb + pos_emb, deterministic=deterministic)  # (B, T, C)
+        caches = [None] * cfg.n_layer if cache is None else list(cache)
+        for i, block in enumerate(self.h):
+            x, caches[i] = block(x, deterministic, caches[i], pos)  # (B, T, C)
+        x = self.ln_f(x)  # (B, T, C)
+        # the output layer: the token embedding reused (nanoGPT, GPT-2), or the lecture's own
+        logits = as_2d(self.wte.attend, x) if cfg.tie_weights else self.lm_head(x)  # (B, T, V)
         logits = logits.astype(jnp.float32)  # softmax and loss in float32 whatever the dtype
-        return logits if cache is None else (logits, tuple(new_cache))
+        return logits if cache is None else (logits, tuple(caches))
 
 
 class BigramLanguageModel(nn.Module):
@@ -354,6 +386,31 @@ def init_cache(model: nn.Module, batch_size: int):
     shape = (batch_size, cfg.n_head, cfg.block_size, cfg.head_size)
     return tuple((jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
                  for _ in range(cfg.n_layer))
+
+
+def fuse_heads(attn: dict, config: GPTConfig) -> dict:
+    """A `MultiHeadAttention`'s params as `CausalSelfAttention`'s: the heads' key, query and
+    value kernels side by side in one (C, 3C) c_attn (q | k | v, head h at columns h*hs)."""
+    kernel = [jnp.concatenate([attn[f"heads_{h}"][name]["kernel"] for h in range(config.n_head)],
+                              axis=1) for name in ("query", "key", "value")]  # (C, C) each
+    c_attn = {"kernel": jnp.concatenate(kernel, axis=1)}  # (C, 3C)
+    if config.bias:  # the lecture's heads have no bias: zeros are the same function
+        c_attn["bias"] = jnp.zeros(3 * config.n_embd, jnp.float32)
+    return {"c_attn": c_attn, "c_proj": attn["c_proj"]}
+
+
+def fused(model: nn.Module, params):
+    """(model, params) of a `heads` GPT as the same function in fused form; others unchanged.
+
+    The lecture's per-head modules carry no KV cache: sampling runs their weights through
+    `CausalSelfAttention` instead.
+    """
+    if not isinstance(model, GPT) or model.config.attention == "fused":
+        return model, params
+    cfg = model.config
+    params = {name: {**p, "attn": fuse_heads(p["attn"], cfg)} if name.startswith("h_") else p
+              for name, p in params.items()}
+    return GPT(dataclasses.replace(cfg, attention="fused")), params
 
 
 def make_model(config, vocab_size: int) -> nn.Module:

@@ -1,26 +1,21 @@
 """The optimizer: global-norm clipping -> AdamW under nanoGPT's warmup + cosine schedule."""
 
 import jax
-import jax.numpy as jnp
 import optax
+
+from jaxgpt.config import lr_decay_iters
 
 
 def lr_schedule(config) -> optax.Schedule:
-    """nanoGPT's get_lr(it), as a jittable function of the optimizer step count."""
-    lr, min_lr = config.learning_rate, config.min_lr
-    warmup, decay_iters = config.warmup_iters, config.lr_decay_iters
+    """nanoGPT's get_lr(it) as optax schedules: linear warmup from lr / (warmup + 1) (nanoGPT's
+    lr * (it + 1) / (warmup + 1)), cosine down to min_lr at lr_decay_iters, then min_lr."""
+    lr = config.learning_rate
     if not config.decay_lr:
         return optax.constant_schedule(lr)
-
-    def schedule(it):
-        it = jnp.asarray(it, jnp.float32)
-        warm = lr * (it + 1) / (warmup + 1)  # 1) linear warmup for warmup_iters steps
-        ratio = jnp.clip((it - warmup) / (decay_iters - warmup), 0.0, 1.0)
-        cosine = min_lr + 0.5 * (1.0 + jnp.cos(jnp.pi * ratio)) * (lr - min_lr)  # 3) cosine
-        # 2) past lr_decay_iters: min_lr (the cosine has reached it: ratio is clipped to 1)
-        return jnp.where(it < warmup, warm, cosine)
-
-    return schedule
+    warmup = config.warmup_iters
+    return optax.warmup_cosine_decay_schedule(
+        init_value=lr / (warmup + 1), peak_value=lr, warmup_steps=warmup,
+        decay_steps=lr_decay_iters(config), end_value=config.min_lr)
 
 
 def decay_mask(params):

@@ -38,6 +38,12 @@ def make_mesh(config, devices=None) -> Mesh:
                          axis_types=(AxisType.Auto, AxisType.Auto))
 
 
+def one_device_mesh() -> Mesh:
+    """A 1 x 1 mesh on the first device (sampling, loading a workdir from Python)."""
+    return jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1],
+                         axis_types=(AxisType.Auto, AxisType.Auto))
+
+
 def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 

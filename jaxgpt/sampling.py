@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.errors import UserError
-from jaxgpt.model import init_cache
+from jaxgpt.model import fused, init_cache
 
 CHUNK = 64  # decode steps per compiled call: streaming granularity; idle steps are cheap
 
@@ -134,7 +134,7 @@ def _compiled(model, chunk: int):
             jax.jit(functools.partial(decode_chunk, model, chunk=chunk)))
 
 
-def _settings(temperature, top_k, top_p):
+def as_settings(temperature, top_k, top_p):
     return (jnp.float32(temperature), jnp.int32(top_k or 0),
             jnp.float32(1.0 if top_p is None else top_p))
 
@@ -143,6 +143,7 @@ def generate_chunks(model, params, idx, max_new_tokens, *, rng, temperature=1.0,
                     top_p=None, slide=1, chunk=CHUNK):
     """Like `generate`, but yields the new tokens as they are produced: (B, <= chunk) numpy
     arrays. Host-side work is numpy, so no shape-dependent eager op compiles per call."""
+    model, params = fused(model, params)  # the lecture's per-head form has no KV cache
     cfg = model.config
     check_settings(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p, slide,
                    cfg.block_size)
@@ -154,7 +155,7 @@ def generate_chunks(model, params, idx, max_new_tokens, *, rng, temperature=1.0,
     window = np.pad(context, ((0, 0), (0, cfg.block_size - n)))  # (B, block_size)
     start_fn, decode_fn = _compiled(model, chunk)
     carry = start_fn(params, window, jnp.int32(n))
-    settings = _settings(temperature, top_k, top_p)
+    settings = as_settings(temperature, top_k, top_p)
     done = 0
     while done < max_new_tokens:
         left = max_new_tokens - done
@@ -180,64 +181,11 @@ def generate(model, params, idx, max_new_tokens, *, rng, temperature=1.0, top_k=
 def warmup(model, params, batch_size: int, chunk=CHUNK) -> float:
     """Compile the sampler for `batch_size` rows now; returns the seconds it took."""
     start = time.perf_counter()
+    model, params = fused(model, params)
     start_fn, decode_fn = _compiled(model, chunk)
     carry = start_fn(params, np.zeros((batch_size, model.config.block_size), np.int32),
                      jnp.int32(1))
     _, toks = decode_fn(params, carry, jnp.int32(0), jnp.int32(0), jax.random.PRNGKey(0),
-                        _settings(1.0, None, None), jnp.int32(1))  # every step idles
+                        as_settings(1.0, None, None), jnp.int32(1))  # every step idles
     toks.block_until_ready()
     return time.perf_counter() - start
-
-
-def time_generate(model, params, *, batch_size=1, prompt_len=1, max_new_tokens=500,
-                  naive=False, seed=0, slide=1) -> dict:
-    """Time one sampling run (after a warm-up run that compiles): tokens/s, seconds, compile
-    seconds. `naive` times the full-recompute loop instead (compile = its warm-up run)."""
-    idx = jnp.zeros((batch_size, prompt_len), jnp.int32)
-    run = functools.partial(generate_naive if naive else generate, model, params, idx,
-                            max_new_tokens, rng=jax.random.PRNGKey(seed),
-                            **({} if naive else {"slide": slide}))
-    start = time.perf_counter()
-    if naive:
-        run().block_until_ready()
-    else:
-        warmup(model, params, batch_size)
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    run().block_until_ready()
-    seconds = time.perf_counter() - start
-    return {"tokens_per_sec": batch_size * max_new_tokens / seconds, "seconds": seconds,
-            "compile_seconds": compile_s}
-
-
-# ---------------------------------------------------------------------------------------------
-# The baseline: nanoGPT's loop, every step re-running the context through the model
-
-
-@functools.lru_cache(maxsize=8)
-def _forward(model):
-    return jax.jit(lambda params, idx: model.apply({"params": params}, idx))
-
-
-def generate_naive(model, params, idx, max_new_tokens, *, rng, temperature=1.0, top_k=None,
-                   top_p=None):
-    """nanoGPT's generate: a Python loop of full forwards over the last block_size tokens.
-
-    The forward is jitted on contexts padded to a power of two (log2(block_size) compilations,
-    cost growing with the context as nanoGPT's), and tokens use the same keys as `generate`:
-    the reference the cached sampler is tested and timed against.
-    """
-    cfg = model.config
-    check_settings(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p)
-    idx = jnp.asarray(idx, jnp.int32)
-    settings = _settings(temperature, top_k, top_p)
-    forward = _forward(model)
-    for i in range(max_new_tokens):
-        context = idx[:, -cfg.block_size:]  # (B, t)
-        t = context.shape[1]
-        padded = min(cfg.block_size, 1 << (t - 1).bit_length())
-        context = jnp.pad(context, ((0, 0), (0, padded - t)))  # (B, padded)
-        logits = forward(params, context)[:, t - 1]  # (B, V)
-        tok = sample_token(logits, jax.random.fold_in(rng, i), settings)  # (B,)
-        idx = jnp.concatenate([idx, tok[:, None]], axis=1)  # (B, T + i + 1)
-    return idx

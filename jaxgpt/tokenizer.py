@@ -104,10 +104,6 @@ def from_dict(d: dict):
     raise UserError(f"unknown tokenizer kind {d.get('kind')!r} in tokenizer JSON")
 
 
-def save(tokenizer, path) -> None:
-    Path(path).write_text(json.dumps(tokenizer.to_dict()))
-
-
 def load(path):
     try:
         return from_dict(json.loads(Path(path).read_text()))

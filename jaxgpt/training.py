@@ -9,11 +9,11 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax.training import train_state
 from tqdm import tqdm
@@ -27,9 +27,10 @@ from jaxgpt.model import count_params, make_model
 
 
 class TrainState(train_state.TrainState):
-    """step, params, opt_state (+ apply_fn, tx as static fields) and the run's root key."""
+    """step, params, opt_state and the run's root key (+ apply_fn, tx, lr_schedule: static)."""
 
     rng: jax.Array = flax.struct.field(default=None)
+    lr_schedule: Callable = flax.struct.field(pytree_node=False, default=None)
 
 
 def cross_entropy(logits, targets):
@@ -51,7 +52,8 @@ def create_train_state(config, model, mesh) -> TrainState:
 
     def init(init_rng, run_rng):
         params = model.init(init_rng, dummy)["params"]
-        return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=run_rng)
+        return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=run_rng,
+                                 lr_schedule=optim.lr_schedule(config))
 
     abstract = jax.eval_shape(init, init_rng, run_rng)
     shardings = parallel.state_sharding(abstract, mesh)
@@ -62,7 +64,8 @@ def train_step(state: TrainState, batch, rng):
     """One optimizer step on batch = (x, y), each (A, B, T): A micro-batches accumulated.
 
     Gradients are averaged over the A micro-batches (nanoGPT's gradient_accumulation_steps: the
-    effective batch is A*B), then clipped and applied by the optax chain.
+    effective batch is A*B), then clipped and applied by the optax chain. Returns the new state
+    and this step's {loss, grad_norm, lr}.
     """
     x, y = batch  # (A, B, T), (A, B, T)
     keys = jax.random.split(rng, x.shape[0])  # (A,) one dropout key per micro-batch
@@ -78,34 +81,23 @@ def train_step(state: TrainState, batch, rng):
         grad_sum, losses = jax.lax.scan(micro_step, zeros, (x, y, keys))
         grads = jax.tree.map(lambda g: g / x.shape[0], grad_sum)
         loss = losses.mean()
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "lr": state.lr_schedule(state.step)}  # the rate this step's update uses
     return state.apply_gradients(grads=grads), metrics
 
 
-def train_steps(state: TrainState, data, *, num_steps, batch_size, block_size, accum, mesh):
-    """`num_steps` optimizer steps in one compiled call, batches drawn on the device.
+def train_steps(state: TrainState, data, *, train_batch, num_steps: int):
+    """`num_steps` optimizer steps in one compiled call (a lax.scan: no Python between steps).
 
-    Returns the new state and the per-step metrics stacked: (num_steps,) each.
+    `data` is the batch source's `train_data` for these steps and `train_batch(data, i, key)`
+    step i's (x, y): drawn on the device from the step's key, or read from batches the host
+    loaded. Returns the new state and the per-step metrics stacked: (num_steps,) each.
     """
-    def one_step(state, _):
+    def one_step(state, i):
         data_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
-        x, y = data_lib.get_batch(data, data_key, accum * batch_size, block_size)  # (A*B, T)
-        x, y = (t.reshape(accum, batch_size, block_size) for t in (x, y))  # (A, B, T)
-        sharding = parallel.batch_sharding(mesh, leading=1)
-        x, y = (jax.lax.with_sharding_constraint(t, sharding) for t in (x, y))
-        return train_step(state, (x, y), dropout_key)
+        return train_step(state, train_batch(data, i, data_key), dropout_key)
 
-    return jax.lax.scan(one_step, state, length=num_steps)
-
-
-def train_steps_on_batches(state: TrainState, batches):
-    """One optimizer step per leading entry of batches = (x, y), each (S, A, B, T): the variant
-    for data sampled on the host (memmapped token files); same randomness as train_steps."""
-    def one_step(state, batch):
-        _, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
-        return train_step(state, batch, dropout_key)
-
-    return jax.lax.scan(one_step, state, batches)
+    return jax.lax.scan(one_step, state, jnp.arange(num_steps))
 
 
 def eval_step(params, apply_fn, x, y):
@@ -113,90 +105,55 @@ def eval_step(params, apply_fn, x, y):
     return cross_entropy(apply_fn({"params": params}, x, deterministic=True), y)
 
 
-def eval_loss_on_batches(params, batches, *, apply_fn):
-    """Mean loss over host-sampled batches = (x, y), each (eval_iters, B, T)."""
-    def one_batch(_, batch):
-        return None, eval_step(params, apply_fn, *batch)
+def eval_loss(params, data, key, *, apply_fn, eval_batch, eval_iters: int):
+    """Mean loss over `eval_iters` batches in one compiled call (batch i: eval_batch(data, i,
+    key_i), the keys split from `key`)."""
+    def one_batch(_, inputs):
+        return None, eval_step(params, apply_fn, *eval_batch(data, *inputs))
 
-    _, losses = jax.lax.scan(one_batch, None, batches)  # (eval_iters,)
+    keys = jax.random.split(key, eval_iters)
+    _, losses = jax.lax.scan(one_batch, None, (jnp.arange(eval_iters), keys))  # (eval_iters,)
     return losses.mean()
 
 
-def eval_loss(params, data, key, *, apply_fn, eval_iters, batch_size, block_size, mesh):
-    """Mean loss over `eval_iters` random batches of `data`, in one compiled call."""
-    def one_batch(_, k):
-        x, y = data_lib.get_batch(data, k, batch_size, block_size)  # (B, T)
-        x, y = (jax.lax.with_sharding_constraint(t, parallel.batch_sharding(mesh)) for t in (x, y))
-        return None, eval_step(params, apply_fn, x, y)
+class Setup(NamedTuple):
+    """Everything the loop needs before its first step (bench.py times these same calls)."""
 
-    _, losses = jax.lax.scan(one_batch, None, jax.random.split(key, eval_iters))  # (eval_iters,)
-    return losses.mean()
+    dataset: data_lib.Dataset
+    model: Any
+    mesh: jax.sharding.Mesh
+    state: TrainState
+    batches: Any  # data.DeviceBatches | data.HostBatches
+    train_call: Callable  # (state, data, num_steps=n) -> (state, metrics), state donated
+    evaluate: Callable  # (params, data, key) -> mean loss
 
 
-def compile_fns(config, mesh, state):
-    """jit the multi-step train call (state donated, shardings kept) and the eval call."""
+def setup(config, *, dataset=None, mesh=None) -> Setup:
+    """Validate the config, load the data, build the model, mesh, state and the compiled calls."""
+    config_lib.validate(config)
+    dataset = dataset or data_lib.load_dataset(config)
+    model = make_model(config, dataset.tokenizer.vocab_size)
+    mesh = mesh or parallel.make_mesh(config)
+    parallel.check_batch(config, mesh)
+    state = create_train_state(config, model, mesh)
+    batches = data_lib.batches(dataset, config, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = jax.jit(
-        functools.partial(train_steps, batch_size=config.batch_size,
-                          block_size=config.block_size,
-                          accum=config.gradient_accumulation_steps, mesh=mesh),
-        static_argnames="num_steps", donate_argnums=0, out_shardings=(shardings, None))
-    evaluate = jax.jit(
-        functools.partial(eval_loss, apply_fn=state.apply_fn, eval_iters=config.eval_iters,
-                          batch_size=config.batch_size, block_size=config.block_size, mesh=mesh))
-    return step, evaluate
+    train_call = jax.jit(functools.partial(train_steps, train_batch=batches.train_batch),
+                         static_argnames="num_steps", donate_argnums=0,
+                         out_shardings=(shardings, None))
+    evaluate = jax.jit(functools.partial(eval_loss, apply_fn=state.apply_fn,
+                                         eval_batch=batches.eval_batch,
+                                         eval_iters=config.eval_iters))
+    return Setup(dataset, model, mesh, state, batches, train_call, evaluate)
 
 
-def host_data_fns(config, mesh, state, dataset):
-    """(splits, step, evaluate) for memmapped data: batches sampled on the host, each process
-    loading only its rows. step(state, first_step, n) and evaluate(params, split, key) mirror
-    the on-device path."""
-    sharding = parallel.batch_sharding(mesh, leading=2)  # (S, A, B, T): B over every device
-    loader = data_lib.HostBatches(dataset.train, seed=(config.seed, 0),
-                                  accum=config.gradient_accumulation_steps,
-                                  batch_size=config.batch_size, block_size=config.block_size,
-                                  sharding=sharding)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = jax.jit(train_steps_on_batches, donate_argnums=0, out_shardings=(shardings, None))
-    eval_fn = jax.jit(functools.partial(eval_loss_on_batches, apply_fn=state.apply_fn))
-    eval_sharding = parallel.batch_sharding(mesh, leading=1)  # (eval_iters, B, T)
-    rows = parallel.local_rows(eval_sharding, (1, config.batch_size, 1), axis=1)
-    shape = (config.eval_iters, config.batch_size)
-
-    def step(state, first_step, n):
-        return step_fn(state, loader.get(first_step, n))
-
-    step.close = loader.close  # stop the prefetch thread when the loop ends
-
-    def evaluate(params, split, key):
-        seed = (config.seed, 1, *np.asarray(jax.random.key_data(key)).tolist())
-        local = data_lib.local_batch(split, seed, 0, shape, config.block_size, rows)
-        batches = tuple(parallel.put_process_local(t, eval_sharding, (*shape, config.block_size))
-                        for t in local)
-        return eval_fn(params, batches)
-
-    return {"train": dataset.train, "val": dataset.val}, step, evaluate
-
-
-def device_data_fns(config, mesh, state, dataset):
-    """(splits, step, evaluate) for small datasets: replicated on every device, batches drawn
-    inside the compiled step."""
-    splits = {name: parallel.put_replicated(arr, mesh)
-              for name, arr in (("train", dataset.train), ("val", dataset.val))}
-    step_fn, evaluate = compile_fns(config, mesh, state)
-
-    def step(state, first_step, n):
-        return step_fn(state, splits["train"], num_steps=n)
-
-    step.close = lambda: None
-
-    return splits, step, evaluate
-
-
-def estimate_loss(evaluate, state, splits: dict, key) -> dict:
-    """{split: mean loss} over eval_iters batches each (the lecture's estimate_loss)."""
-    return {name: float(evaluate(state.params, arr, jax.random.fold_in(key, i)))
-            for i, (name, arr) in enumerate(splits.items())}
+def estimate_loss(s: Setup, params, key) -> dict:
+    """{split: mean loss over eval_iters batches} (the lecture's estimate_loss)."""
+    losses = {}
+    for i, split in enumerate(("train", "val")):
+        k = jax.random.fold_in(key, i)
+        losses[split] = float(s.evaluate(params, s.batches.eval_data(split, k), k))
+    return losses
 
 
 class MetricsWriter:
@@ -221,36 +178,28 @@ def _check_finite(loss: float, step: int):
 
 def train(config, workdir) -> TrainState:
     """The training loop: eval every eval_interval, log every log_interval, return the state."""
-    config_lib.validate(config)
     workdir = Path(workdir)
+    s = setup(config)
     workdir.mkdir(parents=True, exist_ok=True)
     main = parallel.is_main_process()
     say = tqdm.write if main else (lambda *a, **k: None)
 
-    dataset = data_lib.load_dataset(config)
-    model = make_model(config, dataset.tokenizer.vocab_size)
-    mesh = parallel.make_mesh(config)
-    parallel.check_batch(config, mesh)
-    state = create_train_state(config, model, mesh)
     ckpt = checkpoint.RunCheckpoints(config, workdir)
-    state, resumed = ckpt.start(state, dataset.tokenizer)  # resumed: the restored step or None
+    state, resumed = ckpt.start(s.state, s.dataset.tokenizer)  # resumed: restored step or None
     if resumed is not None:
         say(f"resuming from the checkpoint of step {resumed} in {workdir}")
     say(f"number of parameters: {count_params(state.params) / 1e6:.2f}M "
-        f"(devices: {mesh.devices.size} {jax.devices()[0].platform}, mesh {dict(mesh.shape)})")
+        f"(devices: {s.mesh.devices.size} {jax.devices()[0].platform}, mesh {dict(s.mesh.shape)})")
 
-    data_fns = host_data_fns if dataset.on_host else device_data_fns
-    splits, step_fn, evaluate = data_fns(config, mesh, state, dataset)
-    lr_at = optim.lr_schedule(config)
     eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
     writer = MetricsWriter(workdir)
     tokens_per_step = config.batch_size * config.gradient_accumulation_steps * config.block_size
 
     def run_eval(step):
-        losses = estimate_loss(evaluate, state, splits, jax.random.fold_in(eval_key, step))
+        losses = estimate_loss(s, state.params, jax.random.fold_in(eval_key, step))
         say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         writer.write(event="eval", step=step, train_loss=losses["train"], val_loss=losses["val"],
-                     lr=float(lr_at(step)))
+                     lr=float(state.lr_schedule(step)))
         _check_finite(losses["val"], step)
         return losses
 
@@ -258,15 +207,14 @@ def train(config, workdir) -> TrainState:
         """Write the per-step metrics of one finished call (read one call late: no stall)."""
         n = len(metrics["loss"])
         step_ms = 1000 * seconds / n
-        # the call's learning rates in one dispatch: a jnp call per step would steal the CPU
-        lrs = np.broadcast_to(np.asarray(lr_at(np.arange(first_step, first_step + n))), (n,))
         for i in range(n):
-            s = first_step + i
-            _check_finite(float(metrics["loss"][i]), s)
-            if s % config.log_interval == 0:
-                writer.write(event="train", step=s, loss=float(metrics["loss"][i]),
-                             grad_norm=float(metrics["grad_norm"][i]), lr=float(lrs[i]),
-                             step_ms=step_ms, tokens_per_sec=tokens_per_step * 1000 / step_ms)
+            step = first_step + i
+            _check_finite(float(metrics["loss"][i]), step)
+            if step % config.log_interval == 0:
+                writer.write(event="train", step=step, loss=float(metrics["loss"][i]),
+                             grad_norm=float(metrics["grad_norm"][i]),
+                             lr=float(metrics["lr"][i]), step_ms=step_ms,
+                             tokens_per_sec=tokens_per_step * 1000 / step_ms)
         bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4f}", ms=f"{step_ms:.1f}")
 
     step = int(state.step)
@@ -286,7 +234,7 @@ def train(config, workdir) -> TrainState:
             break
         next_eval = (step // config.eval_interval + 1) * config.eval_interval
         n = min(config.steps_per_call, next_eval - step, config.max_iters - step)
-        state, metrics = step_fn(state, step, n)
+        state, metrics = s.train_call(state, s.batches.train_data(step, n), num_steps=n)
         if pending is not None:
             host = jax.device_get(pending[1])  # waits for the previous call only
             now = time.perf_counter()
@@ -296,6 +244,6 @@ def train(config, workdir) -> TrainState:
         step += n
         bar.update(n)
     bar.close()
-    step_fn.close()  # stop the host prefetch thread, if any
+    s.batches.close()  # stop the host prefetch thread, if any
     ckpt.close()  # wait for the async checkpoint writes
     return state

@@ -2,12 +2,24 @@
 
 import os
 
+import numpy as np
 import pytest
 
 from jaxgpt.config import base_config
-from jaxgpt.data import synthetic_text
 
 SHAKESPEARE = os.environ.get("JAXGPT_SHAKESPEARE", "")  # the real text, for opt-in slow tests
+
+
+def synthetic_text(n_chars: int = 5000, seed: int = 0) -> str:
+    """A small learnable text for tests: short words from a fixed vocabulary, with newlines."""
+    rng = np.random.default_rng(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
+    out, size = [], 0
+    while size < n_chars:
+        line = " ".join(rng.choice(words, size=rng.integers(3, 8))) + ".\n"
+        out.append(line)
+        size += len(line)
+    return "".join(out)[:n_chars]
 
 
 @pytest.fixture

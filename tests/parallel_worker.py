@@ -15,11 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402  (importing jax touches no backend: jax.distributed can still start)
 import numpy as np  # noqa: E402
 
-from jaxgpt import data as data_lib  # noqa: E402
 from jaxgpt import parallel, training  # noqa: E402
 from jaxgpt.config import base_config  # noqa: E402
 from jaxgpt.errors import UserError  # noqa: E402
-from jaxgpt.model import make_model  # noqa: E402
 
 STEPS = 3
 
@@ -39,16 +37,11 @@ def config(text, bins, host: bool, **overrides):
 
 
 def run_steps(c, mesh):
-    """STEPS optimizer steps through train()'s own data path: (losses, params, state)."""
-    dataset = data_lib.load_dataset(c)
-    model = make_model(c, dataset.tokenizer.vocab_size)
-    parallel.check_batch(c, mesh)
-    state = training.create_train_state(c, model, mesh)
-    fns = training.host_data_fns if dataset.on_host else training.device_data_fns
-    _, step, _ = fns(c, mesh, state, dataset)
-    shardings_in = jax.tree.map(lambda x: x.sharding, state)
-    state, metrics = step(state, 0, STEPS)
-    step.close()
+    """STEPS optimizer steps through train()'s own set-up and call: (losses, state, kept)."""
+    s = training.setup(c, mesh=mesh)
+    shardings_in = jax.tree.map(lambda x: x.sharding, s.state)
+    state, metrics = s.train_call(s.state, s.batches.train_data(0, STEPS), num_steps=STEPS)
+    s.batches.close()
     kept = jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), state, shardings_in)
     return np.asarray(metrics["loss"]).tolist(), state, all(jax.tree.leaves(kept))
 

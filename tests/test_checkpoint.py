@@ -12,9 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import tiny
+from tests.conftest import synthetic_text, tiny
 from jaxgpt import checkpoint, parallel, training
-from jaxgpt.data import synthetic_text
 from jaxgpt.errors import UserError
 from jaxgpt.model import make_model
 from jaxgpt.tokenizer import CharTokenizer

@@ -51,6 +51,9 @@ def test_module_shapes(module):
     x = jnp.ones((3, 7, CFG.n_embd))
     variables = _init(module(CFG), x)
     out = jax.jit(module(CFG).apply)(variables, x)
+    if module in (CausalSelfAttention, Block):  # the layers that carry the KV cache
+        out, cache = out  # (y, cache): training passes no cache and gets none back
+        assert cache is None
     width = CFG.head_size if module is Head else CFG.n_embd
     chex.assert_shape(out, (3, 7, width))
     chex.assert_tree_all_finite(out)
@@ -87,7 +90,7 @@ def test_fused_heads_equal_multi_head_attention():
                                                  axis=1)},  # (C, 3C)
              "c_proj": mha["c_proj"]}
     want = MultiHeadAttention(cfg).apply({"params": mha}, x)
-    got = CausalSelfAttention(cfg).apply({"params": fused}, x)
+    got, _ = CausalSelfAttention(cfg).apply({"params": fused}, x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -95,8 +98,9 @@ def test_fused_kernel_equals_explicit_softmax():
     x = jax.random.normal(jax.random.PRNGKey(4), (2, 9, CFG.n_embd))
     variables = _init(CausalSelfAttention(CFG), x)
     xla = GPTConfig(**{**CFG.__dict__, "attention_impl": "xla"})
-    np.testing.assert_allclose(CausalSelfAttention(xla).apply(variables, x),
-                               CausalSelfAttention(CFG).apply(variables, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(CausalSelfAttention(xla).apply(variables, x)[0],
+                               CausalSelfAttention(CFG).apply(variables, x)[0], rtol=1e-5,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("model", ["gpt", "bigram"])

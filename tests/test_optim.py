@@ -37,11 +37,23 @@ def test_schedule_hand_values():
     c = base_config()
     c.update(learning_rate=1e-3, warmup_iters=100, lr_decay_iters=5000, min_lr=1e-4)
     s = lr_schedule(c)
-    assert float(s(0)) == pytest.approx(1e-3 / 101)
-    assert float(s(2550)) == pytest.approx((1e-3 + 1e-4) / 2)  # half way down the cosine
-    assert float(s(10_000)) == pytest.approx(1e-4)
+    f32 = dict(rel=1e-5)  # the schedule computes in float32
+    assert float(s(0)) == pytest.approx(1e-3 / 101, **f32)
+    assert float(s(2550)) == pytest.approx((1e-3 + 1e-4) / 2, **f32)  # half way down the cosine
+    assert float(s(10_000)) == pytest.approx(1e-4, **f32)
     c.decay_lr = False
     assert float(lr_schedule(c)(0)) == float(lr_schedule(c)(4000)) == pytest.approx(1e-3)
+
+
+def test_lr_decay_iters_follows_max_iters_unless_set():
+    c = base_config()
+    c.update(learning_rate=1e-3, warmup_iters=10, max_iters=300, min_lr=1e-4)
+    assert float(lr_schedule(c)(300)) == pytest.approx(1e-4, rel=1e-5)  # the end of max_iters
+    assert float(lr_schedule(c)(155)) == pytest.approx(nanogpt_get_lr(155, 1e-3, 10, 300, 1e-4),
+                                                       rel=1e-5)
+    c.lr_decay_iters = 200
+    assert c.max_iters == 300  # setting one never moves the other
+    assert float(lr_schedule(c)(200)) == pytest.approx(1e-4, rel=1e-5)
 
 
 def _params():

@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxgpt import data as data_lib
+from jaxgpt import prepare
 from jaxgpt import tokenizer as tokenizers
-from jaxgpt.data import synthetic_text
 
-from tests.conftest import byte_encoding
+from tests.conftest import byte_encoding, synthetic_text
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +33,7 @@ def corpus(tmp_path_factory):
     text = d / "input.txt"
     text.write_text(synthetic_text(20000))
     # byte-level ids (< 257) whatever tiktoken has cached on this machine
-    data_lib.prepare_bpe(text, d / "bins", tokenizer=tokenizers.BPETokenizer(byte_encoding()))
+    prepare.prepare_bpe(text, d / "bins", tokenizer=tokenizers.BPETokenizer(byte_encoding()))
     return text, d / "bins"
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from jaxgpt import sampling
 from jaxgpt.errors import UserError
-from jaxgpt.model import GPT, BigramLanguageModel, GPTConfig, init_cache
+from jaxgpt.model import GPT, BigramLanguageModel, GPTConfig, fused, init_cache
 
 BLOCK = 8
 VOCAB = 13
@@ -50,6 +50,8 @@ def test_cached_logits_equal_full_forward(kind):
     model, params = make(kind)
     idx = jax.random.randint(jax.random.PRNGKey(2), (2, BLOCK), 0, VOCAB)  # (B, T)
     full = model.apply({"params": params}, idx)  # (B, T, V)
+    model, params = fused(model, params)  # a `heads` model decodes in its fused form
+    assert model.config.attention == "fused"
     cache = init_cache(model, 2)
     logits, cache = model.apply({"params": params}, idx[:, :3], cache=cache, pos=0)
     pieces = [logits]
@@ -57,6 +59,12 @@ def test_cached_logits_equal_full_forward(kind):
         logits, cache = model.apply({"params": params}, idx[:, t:t + 1], cache=cache, pos=t)
         pieces.append(logits)
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_heads_model_refuses_a_cache():
+    model, params = make("heads")
+    with pytest.raises(UserError, match="fused"):
+        model.apply({"params": params}, jnp.zeros((1, 1), jnp.int32), cache=init_cache(model, 1))
 
 
 def test_cache_path_has_the_same_params():
@@ -97,7 +105,7 @@ PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02])
 
 def draw(n, **settings):
     logits = jnp.tile(jnp.log(jnp.asarray(PROBS, jnp.float32))[None], (n, 1))  # (n, V)
-    s = sampling._settings(settings.get("temperature", 1.0), settings.get("top_k"),
+    s = sampling.as_settings(settings.get("temperature", 1.0), settings.get("top_k"),
                            settings.get("top_p"))
     return np.asarray(sampling.sample_token(logits, jax.random.PRNGKey(0), s))
 

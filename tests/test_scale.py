@@ -2,6 +2,8 @@
 and the GPT-2 recipe, on one CPU device (multi-device runs: test_parallel.py)."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +13,10 @@ import pytest
 from configs import gpt2
 from jaxgpt import config as config_lib
 from jaxgpt import data as data_lib
-from jaxgpt import parallel, training
+from jaxgpt import parallel, prepare, training
 from jaxgpt import tokenizer as tokenizers
 from jaxgpt.errors import UserError
-from jaxgpt.model import GPT, GPTConfig, count_params, make_model
+from jaxgpt.model import GPT, GPTConfig, count_params, make_model, resolve_dtype
 from jaxgpt.tokenizer import BPETokenizer
 
 from tests.conftest import byte_encoding, tiny
@@ -72,9 +74,9 @@ def test_bfloat16_compute_tracks_float32(text_file):
 
 
 def test_dtype_auto_is_float32_on_cpu():
-    assert config_lib.resolve_dtype("auto") == "float32"  # bfloat16 on GPU / TPU
+    assert resolve_dtype("auto") == "float32"  # bfloat16 on GPU / TPU
     assert GPTConfig(dtype="auto").compute_dtype == jnp.float32
-    assert config_lib.resolve_dtype("float16") == "float16"
+    assert resolve_dtype("float16") == "float16"
 
 
 def _model_pair(dtype="float32", dropout=0.0, **kw):
@@ -137,7 +139,7 @@ def test_prepare_bpe_writes_nanogpt_bins(tmp_path):
     (src / "sub" / "b.jsonl").write_text(json.dumps({"text": "any further, hear me"}) + "\n\n" +
                                          json.dumps({"text": "speak."}) + "\n")
     tok = BPETokenizer(byte_encoding())  # GPT-2's tables need a download; same code path
-    meta = data_lib.prepare_bpe(src, tmp_path / "out", val_fraction=0.25, tokenizer=tok)
+    meta = prepare.prepare_bpe(src, tmp_path / "out", val_fraction=0.25, tokenizer=tok)
     docs = ["First Citizen:\nBefore we proceed", "any further, hear me", "speak."]
     expected = sum((tok.encode(d) + [tok.eot_token] for d in docs), [])  # nanoGPT: EOT after each
     train = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16)
@@ -152,13 +154,18 @@ def test_prepare_bpe_writes_nanogpt_bins(tmp_path):
     assert dataset.tokenizer.vocab_size == 50257  # GPT-2's, known without loading its tables
 
 
-def test_prepare_cli_and_errors(tmp_path, monkeypatch, capsys):
+def test_prepare_cli_and_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizers, "_gpt2_encoding", byte_encoding)
     (tmp_path / "t.txt").write_text("hello world\n" * 50)
-    data_lib._prepare_main(["prepare", str(tmp_path / "t.txt"), str(tmp_path / "owt")])
-    assert "train.bin has" in capsys.readouterr().out
+    prepare.prepare_bpe(tmp_path / "t.txt", tmp_path / "owt")
     with pytest.raises(UserError, match="no such file"):
-        data_lib.prepare_bpe(tmp_path / "missing.txt", tmp_path / "x")
+        prepare.prepare_bpe(tmp_path / "missing.txt", tmp_path / "x")
+    r = subprocess.run([sys.executable, "-m", "jaxgpt.prepare", str(tmp_path / "missing.txt"),
+                        str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "jaxgpt.prepare", str(tmp_path / "t.txt")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "expected SOURCE OUT_DIR" in r.stderr
     with pytest.raises(UserError, match="no train.bin/val.bin"):
         data_lib.load_dataset(tiny(dataset="openwebtext", data_dir=str(tmp_path / "nothing")))
     # data_dir/DATASET also works (nanoGPT's data/openwebtext layout)
@@ -168,7 +175,7 @@ def test_prepare_cli_and_errors(tmp_path, monkeypatch, capsys):
 def test_large_text_files_are_read_in_pieces(tmp_path):
     path = tmp_path / "big.txt"
     path.write_text("".join(f"line {i} of the corpus\n" for i in range(2000)))
-    pieces = list(data_lib._text_chunks(path, chunk_bytes=4096))
+    pieces = list(prepare._text_chunks(path, chunk_bytes=4096))
     assert len(pieces) > 5 and "".join(pieces) == path.read_text()
     assert all(p.endswith("\n") for p in pieces)  # cut after a newline, never mid-word
 
@@ -189,13 +196,13 @@ def test_local_batches_compose_into_the_global_batch():
 
 def test_host_batches_prefetch_in_step_order():
     data = np.arange(5000, dtype=np.uint16)
-    mesh = parallel.make_mesh(tiny())
-    loader = data_lib.HostBatches(data, seed=(0, 0), accum=2, batch_size=4, block_size=8,
-                                  sharding=parallel.batch_sharding(mesh, leading=2))
+    config = tiny(seed=0, gradient_accumulation_steps=2, batch_size=4, block_size=8)
+    dataset = data_lib.Dataset(train=data, val=data, tokenizer=None, on_host=True)
+    loader = data_lib.batches(dataset, config, parallel.make_mesh(config))
     try:
-        x, y = loader.get(0, 3)  # (n, A, B, T)
-        x2, _ = loader.get(3, 2)
-        again, _ = loader.get(1, 1)  # out of order (a resumed run): restarts the thread
+        x, y = loader.train_data(0, 3)  # (n, A, B, T)
+        x2, _ = loader.train_data(3, 2)
+        again, _ = loader.train_data(1, 1)  # out of order (a resumed run): restarts the thread
     finally:
         loader.close()
     assert x.shape == (3, 2, 4, 8) and x2.shape == (2, 2, 4, 8)

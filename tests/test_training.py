@@ -9,13 +9,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from jaxgpt import training
+from jaxgpt import data, optim, training
 from jaxgpt.errors import UserError
 from jaxgpt.model import make_model
 from jaxgpt.parallel import make_mesh
 from tests.conftest import tiny
+from tests.test_optim import nanogpt_get_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +47,50 @@ def test_same_seed_same_losses(tmp_path, text_file, overrides):
     assert len(runs[0]) == 6 and runs[0] == runs[1]
     training.train(tiny(text_file, max_iters=6, seed=7, **overrides), tmp_path / "c")
     assert [e["loss"] for e in _events(tmp_path / "c", "train")] != runs[0]
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(dropout=0.1, gradient_accumulation_steps=2)])
+def test_losses_equal_a_loop_written_out(tmp_path, text_file, overrides):
+    """train() gives, for the same seed, the losses of a plain loop spelled out here: the seed
+    split into init and run keys, step s's batch and dropout keys from fold_in(run key, s), the
+    lecture's get_batch, the mean of A micro-batch gradients, one optax update. A change to the
+    randomness, the data order, the loss or the update fails it."""
+    c = tiny(text_file, max_iters=6, **overrides)
+    training.train(c, tmp_path)
+    got = [e["loss"] for e in _events(tmp_path, "train")]
+
+    dataset = data.load_dataset(c)
+    model = make_model(c, dataset.tokenizer.vocab_size)
+    init_rng, run_rng = jax.random.split(jax.random.PRNGKey(c.seed))
+    params = model.init(init_rng, jnp.zeros((1, c.block_size), jnp.int32))["params"]
+    tx = optim.make_optimizer(c)
+    opt_state = tx.init(params)
+    A, B = c.gradient_accumulation_steps, c.batch_size
+
+    def loss(p, x, y, key):
+        logits = model.apply({"params": p}, x, deterministic=False, rngs={"dropout": key})
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    want = []
+    for step in range(c.max_iters):
+        data_key, dropout_key = jax.random.split(jax.random.fold_in(run_rng, step))
+        x, y = data.get_batch(jnp.asarray(dataset.train), data_key, A * B, c.block_size)
+        keys = jax.random.split(dropout_key, A)
+        outs = [jax.value_and_grad(loss)(params, x[a * B:(a + 1) * B], y[a * B:(a + 1) * B],
+                                         keys[a]) for a in range(A)]
+        grads = jax.tree.map(lambda *g: sum(g) / A, *[g for _, g in outs])
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        want.append(float(np.mean([v for v, _ in outs])))
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_logged_lr_is_nanogpts_get_lr(tmp_path, text_file):
+    c = tiny(text_file, max_iters=12, warmup_iters=4, lr_decay_iters=None)
+    training.train(c, tmp_path)
+    for e in _events(tmp_path, "train") + _events(tmp_path, "eval"):
+        want = nanogpt_get_lr(e["step"], c.learning_rate, 4, 12, c.min_lr)  # decay: max_iters
+        assert e["lr"] == pytest.approx(want, rel=1e-5)
 
 
 def test_steps_per_call_does_not_change_the_run(tmp_path, text_file):
