@@ -28,7 +28,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxgpt import data as data_lib
-from jaxgpt import cli, parallel, sampling, training
+from jaxgpt import cli, sampling, training
 from jaxgpt.model import count_params
 from jaxgpt.tokenizer import CharTokenizer
 

@@ -112,9 +112,10 @@ def save(manager, state, val_loss: float) -> bool:
 def restore(workdir_or_manager, abstract_state, step: int | None = None):
     """Restore the latest (or the given) step into `abstract_state`'s shapes and shardings.
 
-    `abstract_state` is a TrainState of arrays or ShapeDtypeStructs with `.sharding` (jax.eval_shape + parallel.state_sharding, or `abstract_like(state)`):
-    a checkpoint written on 8 devices restores onto 1 and back. An unreadable step falls back
-    to the next newest one with a warning. Returns (state, step).
+    `abstract_state` is a TrainState of arrays or ShapeDtypeStructs with `.sharding`
+    (jax.eval_shape + parallel.state_sharding, or `abstract_like(state)`): a checkpoint
+    written on 8 devices restores onto 1 and back. An unreadable step falls back to the next
+    newest one with a warning. Returns (state, step).
     """
     manager = _as_manager(workdir_or_manager)
     steps = sorted(manager.all_steps(), reverse=True)

@@ -56,7 +56,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linears and LayerNorms, as GPT-2
-    attention: str = "fused"  # "fused": CausalSelfAttention | "heads": MultiHeadAttention of `Head`s
+    attention: str = "fused"  # "fused": CausalSelfAttention | "heads": `Head`s (the lecture)
     attention_impl: str = "softmax"  # fused path: explicit softmax | jax.nn.dot_product_attention
     activation: str = "gelu"
     tie_weights: bool = True  # lm_head shares wte's weights (nanoGPT); the lecture has its own
