@@ -12,7 +12,6 @@ that, so a crash mid-write never destroys the last good checkpoint.
 import json
 import math
 import sys
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxgpt import config as config_lib
@@ -27,6 +27,7 @@ from jaxgpt import parallel
 from jaxgpt import tokenizer as tokenizers
 from jaxgpt.errors import UserError
 from jaxgpt.model import make_model
+from jaxgpt.workdir import as_path, is_remote
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -60,13 +61,13 @@ def make_manager(workdir, keep_best: int = 1, *, read_only: bool = False):
         enable_async_checkpointing=True, cleanup_tmp_directories=not read_only,
         lightweight_initialize=True, save_interval_steps=0 if read_only else 1,
         create=not read_only)
-    return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
+    return ocp.CheckpointManager(as_path(workdir) / CHECKPOINT_DIR, options=options)
 
 
 def _as_manager(workdir_or_manager):
     if isinstance(workdir_or_manager, ocp.CheckpointManager):
         return workdir_or_manager
-    directory = Path(workdir_or_manager) / CHECKPOINT_DIR
+    directory = as_path(workdir_or_manager) / CHECKPOINT_DIR
     if not directory.is_dir():
         raise UserError(f"no checkpoint in {workdir_or_manager}: train one with "
                         f"python train.py --config ... --workdir {workdir_or_manager}")
@@ -88,16 +89,17 @@ def is_finite(state) -> bool:
     return bool(jnp.isfinite(optax.tree.norm(state.params)))
 
 
-def save(manager, state, val_loss: float) -> bool:
+def save(manager, state, val_loss: float | None) -> bool:
     """Start an async save of `state` at its step (returns once the arrays are on the host).
 
     Refuses non-finite states (a diverged run must not replace a good checkpoint) and steps
-    that already exist (a resumed run re-reaching its start step).
+    that already exist (a resumed run re-reaching its start step). `val_loss=None` (a save on
+    preemption, between evals) stores no metric: never the "best", kept while it is the latest.
     """
     step = int(state.step)
     if step in manager.all_steps():
         return False
-    if not math.isfinite(val_loss) or not is_finite(state):
+    if (val_loss is not None and not math.isfinite(val_loss)) or not is_finite(state):
         _warn(f"not saving step {step}: its val loss or params are not finite")
         return False
     tree = _tree(state)
@@ -105,8 +107,8 @@ def save(manager, state, val_loss: float) -> bool:
         # on CPU the "copy to host" is a view of the device buffer, and the next train step
         # donates (overwrites) it while the write is still running: save a copy instead
         tree = jax.tree.map(jnp.copy, tree)
-    return manager.save(step, args=ocp.args.StandardSave(tree),
-                        metrics={"val_loss": float(val_loss)}, force=True)
+    metrics = None if val_loss is None else {"val_loss": float(val_loss)}
+    return manager.save(step, args=ocp.args.StandardSave(tree), metrics=metrics, force=True)
 
 
 def restore(workdir_or_manager, abstract_state, step: int | None = None):
@@ -168,22 +170,27 @@ def best_step(workdir_or_manager) -> int | None:
 # The run's config and tokenizer, beside the checkpoints
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: epath.Path, text: str) -> None:
+    """Never a half-written file where a good one was: a local file is written beside and
+    renamed; an object store's upload (gs://) is atomic already."""
+    if is_remote(path):
+        path.write_text(text)
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
-    tmp.replace(path)  # never a half-written file where a good one was
+    tmp.replace(path)
 
 
 def write_run_info(workdir, config, tokenizer) -> None:
     if parallel.is_main_process():
-        workdir = Path(workdir)
+        workdir = as_path(workdir)
         _write_atomic(workdir / CONFIG_FILE, config.to_json(indent=2))
         _write_atomic(workdir / TOKENIZER_FILE, json.dumps(tokenizer.to_dict()))
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
     """The config a workdir was trained with (keys added since take their defaults)."""
-    path = Path(workdir) / CONFIG_FILE
+    path = as_path(workdir) / CONFIG_FILE
     try:
         saved = json.loads(path.read_text())
     except FileNotFoundError:
@@ -198,7 +205,7 @@ def load_config(workdir) -> ml_collections.ConfigDict:
 
 
 def load_tokenizer(workdir):
-    return tokenizers.load(Path(workdir) / TOKENIZER_FILE)
+    return tokenizers.load(as_path(workdir) / TOKENIZER_FILE)
 
 
 class Run(NamedTuple):
@@ -220,7 +227,7 @@ def load_run(workdir, checkpoint: str | int = "best") -> Run:
     """
     from jaxgpt.training import create_train_state  # training imports this module
 
-    if not Path(workdir).is_dir():
+    if not as_path(workdir).is_dir():  # a local directory or gs://bucket/run
         raise UserError(f"{workdir}: no such directory; pass a workdir written by train.py")
     config = load_config(workdir)
     tokenizer = load_tokenizer(workdir)
@@ -269,7 +276,7 @@ class RunCheckpoints:
 
     def __init__(self, config, workdir):
         self.config = config
-        self.workdir = Path(workdir)
+        self.workdir = as_path(workdir)
         self.manager = make_manager(workdir, config.keep_best)
         self.best_val = min(val_losses(self.manager).values(), default=math.inf)
 
@@ -301,6 +308,16 @@ class RunCheckpoints:
         saved = save(self.manager, state, val)
         if saved and improved:
             self.best_val = val
+        return saved
+
+    def save_now(self, state) -> bool:
+        """The save on preemption: this step, whatever the eval schedule, written completely
+        before returning. True if the step is on storage (saved now or earlier)."""
+        step = int(state.step)
+        if step == 0:
+            return False  # nothing trained yet
+        saved = step in self.manager.all_steps() or save(self.manager, state, None)
+        self.manager.wait_until_finished()
         return saved
 
     def close(self):

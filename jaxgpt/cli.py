@@ -5,6 +5,7 @@ import sys
 from absl import app, flags, logging
 
 from jaxgpt.errors import UserError
+from jaxgpt.preemption import Preempted
 
 
 def _fail(message: str):
@@ -50,5 +51,8 @@ def run(main, positional=()):
             main(argv)
         except UserError as e:
             _fail(str(e))
+        except Preempted as e:  # stopped by SIGTERM / Ctrl-C after saving: not a success
+            print(e, file=sys.stderr, flush=True)
+            sys.exit(e.exit_code)
 
     app.run(wrapped, flags_parser=lambda argv: parse_flags(argv, positional))

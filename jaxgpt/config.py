@@ -56,6 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = "auto"  # scratch refuses a workdir with checkpoints; resume requires one
     c.always_save_checkpoint = True
     c.keep_best = 1
+    c.profile_steps = 0  # > 0: a jax.profiler trace of that many steps after warm-up, in WORKDIR
+    c.wandb_log = False  # nanoGPT's W&B keys (pip install 'jaxgpt[wandb]')
+    c.wandb_project = "jaxgpt"
+    c.wandb_run_name = ""  # "" = W&B's own name
     # devices: sizes of the mesh axes, -1 = all remaining devices
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
     return c

@@ -147,6 +147,12 @@ def load_bins(config) -> Dataset:
 # batch came from.
 
 
+def eval_batches_per_call(eval_iters: int) -> int:
+    """An eval runs as several compiled calls of this many batches (the largest divisor of
+    eval_iters up to 10), so the loop can show its progress and time it early."""
+    return max(d for d in range(1, min(eval_iters, 10) + 1) if eval_iters % d == 0)
+
+
 class DeviceBatches:
     """Small datasets (a character-level text): both splits replicated on every device, each
     batch drawn inside the compiled call from the step's key, with no host work between steps."""
@@ -156,6 +162,7 @@ class DeviceBatches:
                        "val": parallel.put_replicated(dataset.val, mesh)}
         self.accum, self.batch_size = config.gradient_accumulation_steps, config.batch_size
         self.block_size, self.mesh = config.block_size, mesh
+        self.eval_iters = config.eval_iters
 
     def train_data(self, step: int, n: int):
         return self.splits["train"]
@@ -200,10 +207,11 @@ class HostBatches:
         self.splits = {"train": dataset.train, "val": dataset.val}
         self.seed, self.block_size = config.seed, config.block_size
         self.shape = (config.gradient_accumulation_steps, config.batch_size)  # (A, B)
-        self.eval_shape = (config.eval_iters, config.batch_size)
+        self.eval_iters = config.eval_iters
+        self.eval_shape = (eval_batches_per_call(config.eval_iters), config.batch_size)
         self.sharding = parallel.batch_sharding(mesh, leading=2)  # (n, A, B, T): B split
         self.rows = parallel.local_rows(self.sharding, (1, *self.shape, 1), axis=2)
-        self.eval_sharding = parallel.batch_sharding(mesh, leading=1)  # (eval_iters, B, T)
+        self.eval_sharding = parallel.batch_sharding(mesh, leading=1)  # (E, B, T)
         self.eval_rows = parallel.local_rows(self.eval_sharding, (*self.eval_shape, 1), axis=1)
         self.prefetch = prefetch
         self.thread, self.next_step = None, None
@@ -245,7 +253,7 @@ class HostBatches:
                      for t in zip(*items))  # (n, A, r, T) local -> (n, A, B, T) global
 
     def eval_data(self, split: str, key):
-        """(x, y), each (eval_iters, B, T): the windows come from the eval key."""
+        """(x, y), each (E, B, T), E batches of one eval call: the windows come from the key."""
         seed = (self.seed, 1, *np.asarray(jax.random.key_data(key)).tolist())
         local = local_batch(self.splits[split], seed, 0, self.eval_shape, self.block_size,
                             self.eval_rows)

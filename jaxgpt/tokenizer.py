@@ -6,7 +6,8 @@ workdir carries what sample.py needs to turn tokens back into text.
 
 import functools
 import json
-from pathlib import Path
+
+from etils import epath
 
 from jaxgpt.errors import UserError
 
@@ -106,7 +107,7 @@ def from_dict(d: dict):
 
 def load(path):
     try:
-        return from_dict(json.loads(Path(path).read_text()))
+        return from_dict(json.loads(epath.Path(path).read_text()))
     except FileNotFoundError:
         raise UserError(f"no tokenizer at {path}: is this a jaxgpt workdir?") from None
     except json.JSONDecodeError as e:

@@ -5,10 +5,8 @@ and its dropout, so the same seed gives the same run and a resumed run the same 
 """
 
 import functools
-import json
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import flax.struct
@@ -21,7 +19,9 @@ from tqdm import tqdm
 from jaxgpt import checkpoint
 from jaxgpt import config as config_lib
 from jaxgpt import data as data_lib
-from jaxgpt import optim, parallel
+from jaxgpt import metrics as metrics_lib
+from jaxgpt import optim, parallel, preemption, profiling, progress
+from jaxgpt import workdir as workdir_lib
 from jaxgpt.errors import UserError
 from jaxgpt.model import count_params, make_model
 
@@ -107,7 +107,7 @@ def eval_step(params, apply_fn, x, y):
 
 def eval_loss(params, data, key, *, apply_fn, eval_batch, eval_iters: int):
     """Mean loss over `eval_iters` batches in one compiled call (batch i: eval_batch(data, i,
-    key_i), the keys split from `key`)."""
+    key_i), the keys split from `key`); estimate_loss makes several such calls per split."""
     def one_batch(_, inputs):
         return None, eval_step(params, apply_fn, *eval_batch(data, *inputs))
 
@@ -125,7 +125,7 @@ class Setup(NamedTuple):
     state: TrainState
     batches: Any  # data.DeviceBatches | data.HostBatches
     train_call: Callable  # (state, data, num_steps=n) -> (state, metrics), state donated
-    evaluate: Callable  # (params, data, key) -> mean loss
+    evaluate: Callable  # (params, data, key) -> mean loss of eval_batches_per_call batches
 
 
 def setup(config, *, dataset=None, mesh=None) -> Setup:
@@ -143,30 +143,25 @@ def setup(config, *, dataset=None, mesh=None) -> Setup:
                          out_shardings=(shardings, None))
     evaluate = jax.jit(functools.partial(eval_loss, apply_fn=state.apply_fn,
                                          eval_batch=batches.eval_batch,
-                                         eval_iters=config.eval_iters))
+                                         eval_iters=data_lib.eval_batches_per_call(
+                                             config.eval_iters)))
     return Setup(dataset, model, mesh, state, batches, train_call, evaluate)
 
 
-def estimate_loss(s: Setup, params, key) -> dict:
-    """{split: mean loss over eval_iters batches} (the lecture's estimate_loss)."""
+def estimate_loss(s: Setup, params, key, on_call=None) -> dict:
+    """{split: mean loss over eval_iters batches} (the lecture's estimate_loss), in calls of
+    eval_batches_per_call batches; `on_call(done, total)` after each call (progress)."""
+    per_split = s.batches.eval_iters // data_lib.eval_batches_per_call(s.batches.eval_iters)
     losses = {}
     for i, split in enumerate(("train", "val")):
-        k = jax.random.fold_in(key, i)
-        losses[split] = float(s.evaluate(params, s.batches.eval_data(split, k), k))
+        total = 0.0
+        for j in range(per_split):
+            k = jax.random.fold_in(jax.random.fold_in(key, i), j)
+            total += float(s.evaluate(params, s.batches.eval_data(split, k), k))
+            if on_call is not None:
+                on_call(i * per_split + j + 1, 2 * per_split)
+        losses[split] = total / per_split
     return losses
-
-
-class MetricsWriter:
-    """Appends one JSON object per event to WORKDIR/metrics.jsonl (process 0 only)."""
-
-    def __init__(self, workdir: Path):
-        self.path = workdir / "metrics.jsonl"
-        self.enabled = parallel.is_main_process()
-
-    def write(self, **event):
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(event) + "\n")
 
 
 def _check_finite(loss: float, step: int):
@@ -177,10 +172,17 @@ def _check_finite(loss: float, step: int):
 
 
 def train(config, workdir) -> TrainState:
-    """The training loop: eval every eval_interval, log every log_interval, return the state."""
-    workdir = Path(workdir)
+    """The training loop: eval every eval_interval, log every log_interval, return the state.
+
+    SIGTERM or Ctrl-C: the call in flight finishes, a checkpoint of that step is saved and
+    preemption.Preempted is raised (train.py prints it and exits non-zero; the same command
+    resumes). `workdir` is a directory or a URL (gs://...): every file goes through epath.
+    """
+    config_lib.validate(config)  # before any file is touched or anything compiles
+    profiling.check(config)
+    metrics_lib.check_wandb(config)
+    workdir = workdir_lib.prepare(workdir)
     s = setup(config)
-    workdir.mkdir(parents=True, exist_ok=True)
     main = parallel.is_main_process()
     say = tqdm.write if main else (lambda *a, **k: None)
 
@@ -192,58 +194,106 @@ def train(config, workdir) -> TrainState:
         f"(devices: {s.mesh.devices.size} {jax.devices()[0].platform}, mesh {dict(s.mesh.shape)})")
 
     eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-    writer = MetricsWriter(workdir)
+    writer = metrics_lib.Metrics(workdir, config, enabled=main)
+    profiler = profiling.Profiler(config, workdir, enabled=main, say=say)
+    mfu = progress.MFU(config, count_params(state.params, non_embedding=False),
+                       s.mesh.devices.size)
+    estimate = progress.CPUEstimate(config)
     tokens_per_step = config.batch_size * config.gradient_accumulation_steps * config.block_size
 
     def run_eval(step):
-        losses = estimate_loss(s, state.params, jax.random.fold_in(eval_key, step))
+        times = [time.perf_counter()]
+
+        def on_call(done, total):  # progress, and the CPU estimate from the 2nd call's pace
+            times.append(time.perf_counter())
+            bar.set_postfix_str(f"evaluating {done}/{total}")
+            if done == 2:  # the first call also compiled
+                per_batch = (times[2] - times[1]) / (config.eval_iters * 2 / total)
+                warn(estimate.after_eval_batches(per_batch, step))
+
+        losses = estimate_loss(s, state.params, jax.random.fold_in(eval_key, step), on_call)
         say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        writer.write(event="eval", step=step, train_loss=losses["train"], val_loss=losses["val"],
+        writer.write("eval", step, train_loss=losses["train"], val_loss=losses["val"],
                      lr=float(state.lr_schedule(step)))
+        writer.flush()
         _check_finite(losses["val"], step)
         return losses
+
+    def warn(line):
+        if line:
+            say(line)
 
     def log(first_step, metrics, seconds):
         """Write the per-step metrics of one finished call (read one call late: no stall)."""
         n = len(metrics["loss"])
         step_ms = 1000 * seconds / n
+        util = mfu(seconds / n)
+        extra = {} if util is None else {"mfu": util}
         for i in range(n):
             step = first_step + i
             _check_finite(float(metrics["loss"][i]), step)
             if step % config.log_interval == 0:
-                writer.write(event="train", step=step, loss=float(metrics["loss"][i]),
+                writer.write("train", step, loss=float(metrics["loss"][i]),
                              grad_norm=float(metrics["grad_norm"][i]),
                              lr=float(metrics["lr"][i]), step_ms=step_ms,
-                             tokens_per_sec=tokens_per_step * 1000 / step_ms)
-        bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4f}", ms=f"{step_ms:.1f}")
+                             tokens_per_sec=tokens_per_step * 1000 / step_ms, **extra)
+        shown = {"loss": f"{float(metrics['loss'][-1]):.4f}", "ms": f"{step_ms:.1f}"}
+        if util is not None:
+            shown["mfu"] = f"{100 * util:.1f}%"
+        bar.set_postfix(shown)
 
     step = int(state.step)
     bar = tqdm(total=config.max_iters, initial=step, disable=not main, dynamic_ncols=True)
     pending = None  # (first step, metrics on device) of the call in flight
+    calls = 0  # compiled train calls so far: every process checks for preemption after each
     last = time.perf_counter()
-    while True:
-        at_eval = step % config.eval_interval == 0 or step == config.max_iters
-        if at_eval and step != resumed:  # a resumed step was evaluated and saved already
-            if pending is not None:  # drain before evaluating, so logs stay in step order
-                log(pending[0], jax.device_get(pending[1]), time.perf_counter() - last)
-                pending = None
-            losses = run_eval(step)
-            ckpt.after_eval(state, losses, final=step == config.max_iters)
-            last = time.perf_counter()
-        if step >= config.max_iters:
-            break
-        next_eval = (step // config.eval_interval + 1) * config.eval_interval
-        n = min(config.steps_per_call, next_eval - step, config.max_iters - step)
-        state, metrics = s.train_call(state, s.batches.train_data(step, n), num_steps=n)
+
+    def drain():
+        nonlocal pending, last
         if pending is not None:
-            host = jax.device_get(pending[1])  # waits for the previous call only
-            now = time.perf_counter()
-            log(pending[0], host, now - last)
-            last = now
-        pending = (step, metrics)
-        step += n
-        bar.update(n)
-    bar.close()
-    s.batches.close()  # stop the host prefetch thread, if any
-    ckpt.close()  # wait for the async checkpoint writes
+            log(pending[0], jax.device_get(pending[1]), time.perf_counter() - last)
+            pending = None
+
+    try:
+        with preemption.Preemption() as signals:
+            while True:
+                at_eval = step % config.eval_interval == 0 or step == config.max_iters
+                if at_eval and step != resumed:  # a resumed step was evaluated and saved already
+                    drain()  # before evaluating, so logs stay in step order
+                    losses = run_eval(step)
+                    ckpt.after_eval(state, losses, final=step == config.max_iters)
+                    last = time.perf_counter()
+                if step >= config.max_iters:
+                    break
+                if signals.reached(calls):  # all processes agree on this step
+                    drain()
+                    bar.set_postfix_str("saving a checkpoint")
+                    raise preemption.Preempted(step, signals.signum, ckpt.save_now(state))
+                profiler.before_call(step, calls, state)
+                next_eval = (step // config.eval_interval + 1) * config.eval_interval
+                n = min(config.steps_per_call, next_eval - step, config.max_iters - step)
+                if calls == 0:
+                    bar.set_postfix_str("compiling the training step")
+                    start = time.perf_counter()
+                state, metrics = s.train_call(state, s.batches.train_data(step, n), num_steps=n)
+                if calls == 0:  # jit compiled it before dispatching: time the runs without it
+                    say(f"compiled the training step in {time.perf_counter() - start:.1f} s")
+                    last = time.perf_counter()
+                if pending is not None:
+                    host = jax.device_get(pending[1])  # waits for the previous call only
+                    now = time.perf_counter()
+                    log(pending[0], host, now - last)
+                    if calls == 1:
+                        warn(estimate.after_train_call((now - last) / len(host["loss"]), step))
+                    last = now
+                pending = (step, metrics)
+                step += n
+                calls += 1
+                bar.update(n)
+        profiler.close(state, step)  # a run shorter than profile_steps: what it has
+    finally:
+        bar.close()
+        s.batches.close()  # stop the host prefetch thread, if any
+        ckpt.close()  # wait for the async checkpoint writes
+        writer.close()
     return state

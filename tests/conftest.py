@@ -57,3 +57,21 @@ def byte_encoding():
     return tiktoken.Encoding("bytes", pat_str=pat,
                              mergeable_ranks={bytes([i]): i for i in range(256)},
                              special_tokens={"<|endoftext|>": 256})
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A local GCS emulator with the bucket `test-bucket`, the clients pointed at it through
+    their environment variables (kept for the session; subprocesses inherit them)."""
+    from tests.gcs_emulator import Emulator
+
+    emulator = Emulator(tmp_path_factory.mktemp("gcs") / "server.log")
+    saved = {k: os.environ.get(k) for k in emulator.env}
+    os.environ.update(emulator.env)
+    yield emulator
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    emulator.stop()

@@ -1,0 +1,37 @@
+"""FLOPs of a training step (nanoGPT's estimate_mfu) and the chips' datasheet peaks: the
+benchmark's MFU and the training loop's log line use the same figures."""
+
+# Dense (no sparsity) peak TFLOP/s per chip from the vendors' datasheets: NVIDIA H100/H200
+# datasheet (SXM), A100 datasheet, V100 datasheet (no bf16: fp16 tensor-core figure); Google Cloud
+# TPU system-architecture pages (v4, v5e, v5p, v6e). "float32" on NVIDIA is the TF32 tensor-core
+# figure (XLA's default precision for float32 matmuls on Ampere and later); TPUs run float32
+# matmuls at default precision as bf16 passes, so only the bf16 figure is listed for them.
+# First matching substring of device_kind wins (so "H100 PCIe" is tried before "H100").
+PEAK_TFLOPS = (
+    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0}),
+    ("H100", {"bfloat16": 989.4, "float32": 494.7}),  # SXM
+    ("H200", {"bfloat16": 989.4, "float32": 494.7}),
+    ("A100", {"bfloat16": 312.0, "float32": 156.0}),  # nanoGPT's estimate_mfu uses 312
+    ("V100", {"float16": 125.0, "float32": 15.7}),
+    ("TPU v4", {"bfloat16": 275.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0}),  # v5e
+    ("TPU v5e", {"bfloat16": 197.0}),
+    ("TPU v5", {"bfloat16": 459.0}),  # v5p
+    ("TPU v6", {"bfloat16": 918.0}),  # v6e (Trillium)
+)
+
+
+def flops_per_token(config, n_params: int) -> int:
+    """nanoGPT's estimate_mfu: 6N for the weight matmuls (forward 2N, backward 4N) plus
+    attention's QK^T and (att)V, 2·2·T·C forward per token and layer, x3 with the backward."""
+    L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
+    return 6 * n_params + 12 * L * H * Q * T
+
+
+def datasheet_peak(device, dtype: str) -> tuple[float, str]:
+    """(FLOP/s, source) from PEAK_TFLOPS for a GPU/TPU; NaN for a device not in the table."""
+    for name, peaks in PEAK_TFLOPS:
+        if name.lower() in device.device_kind.lower():
+            key = dtype if dtype in peaks else max(peaks, key=peaks.get)
+            return peaks[key] * 1e12, f"datasheet {name} {key}"
+    return float("nan"), f"unknown device {device.device_kind!r}: add it to PEAK_TFLOPS"
