@@ -1,7 +1,9 @@
 """Datasets: text -> tokens -> train/val arrays, and the lecture's random-window batch sampler.
 
 `shakespeare_char` reads `config.data_path` if set, else downloads tiny Shakespeare once into
-`config.data_dir` (default ~/.cache/jaxgpt). `char` is any local UTF-8 text file, char-level.
+`config.data_dir` (default ~/.cache/jaxgpt). `char` is any UTF-8 text file, char-level. Both
+`data_path` and `data_dir` may be bucket URLs (gs://...): text is read through etils.epath, token
+files are copied once into the local cache.
 Any other dataset name (`openwebtext`, ...) is a directory of GPT-2 BPE token files
 (`train.bin`/`val.bin`, uint16, nanoGPT's format; `python -m jaxgpt.prepare` writes them),
 sampled on the host through np.memmap. `batches(...)` picks the batch source the train loop uses.
@@ -10,6 +12,7 @@ sampled on the host through np.memmap. `batches(...)` picks the batch source the
 import dataclasses
 import json
 import os
+import shutil
 import threading
 import urllib.request
 from pathlib import Path
@@ -22,6 +25,7 @@ import numpy as np
 from jaxgpt import parallel
 from jaxgpt import tokenizer as tokenizers
 from jaxgpt.errors import UserError
+from jaxgpt.workdir import as_path, is_remote
 
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                    "tinyshakespeare/input.txt")
@@ -37,15 +41,24 @@ class Dataset:
     on_host: bool = False  # np.memmap token files: sampled on the host, not put on the device
 
 
+def _data_dir(config) -> str:
+    return config.data_dir or os.environ.get("JAXGPT_DATA_DIR") or ""
+
+
 def cache_dir(config) -> Path:
-    return Path(config.data_dir or os.environ.get("JAXGPT_DATA_DIR") or
-                Path.home() / ".cache" / "jaxgpt")
+    """The local directory of downloads and token files: data_dir, else ~/.cache/jaxgpt. A
+    data_dir in a bucket (gs://...) is mirrored under ~/.cache/jaxgpt/remote/ (np.memmap needs
+    local files; bin_dir copies them)."""
+    data_dir, home = _data_dir(config), Path.home() / ".cache" / "jaxgpt"
+    if is_remote(data_dir):
+        return home / "remote" / data_dir.split("://", 1)[1]
+    return Path(data_dir) if data_dir else home
 
 
 def read_text(config) -> str:
-    """The dataset's text: the local `data_path`, else the cached or downloaded file."""
+    """The dataset's text: `data_path` (local or gs://...), else the cached or downloaded file."""
     if config.data_path:
-        path = Path(config.data_path).expanduser()
+        path = as_path(config.data_path)
         if not path.is_file():
             raise UserError(f"config.data_path={config.data_path}: no such file; point "
                             "--config.data_path at a UTF-8 text file")
@@ -59,7 +72,7 @@ def read_text(config) -> str:
     return read_utf8(path)
 
 
-def read_utf8(path: Path) -> str:
+def read_utf8(path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -111,11 +124,36 @@ def get_batch(data: jax.Array, key: jax.Array, batch_size: int, block_size: int)
 BIN_DTYPE = np.uint16  # GPT-2's 50257 ids fit; nanoGPT's data/openwebtext/prepare.py writes this
 
 
+BIN_FILES = ("train.bin", "val.bin", "meta.json")
+
+
 def bin_dir(config) -> Path:
     """Where a BPE dataset's bins live: `data_dir` itself, or `data_dir/DATASET` (nanoGPT's
-    data/openwebtext layout), with data_dir defaulting to ~/.cache/jaxgpt."""
+    data/openwebtext layout), with data_dir defaulting to ~/.cache/jaxgpt; a data_dir in a
+    bucket is copied to the local mirror first (once; again if a file's size changed)."""
     root = cache_dir(config)
+    if is_remote(_data_dir(config)):
+        remote = as_path(_data_dir(config))
+        nested = not (remote / "train.bin").exists()
+        _mirror(remote / config.dataset if nested else remote,
+                root / config.dataset if nested else root)
     return root if (root / "train.bin").is_file() else root / config.dataset
+
+
+def _mirror(src, dst: Path) -> None:
+    for name in BIN_FILES:
+        if not (src / name).exists():
+            continue
+        size = (src / name).stat().length
+        if (dst / name).is_file() and (dst / name).stat().st_size == size:
+            continue
+        if parallel.is_main_process():
+            print(f"copying {src / name} ({size / 1e9:.2f} GB) to {dst} (once)", flush=True)
+        dst.mkdir(parents=True, exist_ok=True)
+        tmp = dst / f"{name}.part{os.getpid()}"
+        with (src / name).open("rb") as f, tmp.open("wb") as out:
+            shutil.copyfileobj(f, out, 2**24)
+        tmp.replace(dst / name)  # never a half-copied file under the real name
 
 
 def load_bins(config) -> Dataset:

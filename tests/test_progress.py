@@ -7,13 +7,23 @@ from jaxgpt import progress
 from tests.conftest import tiny
 
 
-def test_cpu_estimate_warns_past_half_an_hour_and_names_the_cpu_recipe():
-    # 0.5 s/step x 5000 steps + 10 evals of 60 s = 2500 + 600 s = 51.67 min
-    line = progress.cpu_estimate(0.5, 5000, 60.0, 10)
-    assert line.startswith("warning: on this CPU the run needs about 52 min more")
-    assert "500 ms/step x 5000 steps + 10 evals of 1 min" in line
+def test_cpu_estimate_warns_once_past_half_an_hour_and_names_the_cpu_recipe():
+    c = tiny(max_iters=5000, eval_interval=500, eval_iters=200, gradient_accumulation_steps=1)
+    estimate = progress.CPUEstimate(c)
+    # eval batches of 0.1 s: a step ~3 forwards = 0.3 s; an eval 2 x 200 x 0.1 = 40 s;
+    # from step 0: 5000 x 0.3 + 10 evals x 40 = 1900 s = 31.67 min
+    line = estimate.after_eval_batches(0.1, 0)
+    assert line.startswith("warning: this run needs about 32 min more on this CPU")
+    assert "300 ms/step x 5000 steps + 10 evals of 40 s, from the first eval batches" in line
     assert "configs/shakespeare_cpu.py" in line
-    assert progress.cpu_estimate(0.01, 2000, 2.0, 8) is None  # 36 s: no warning
+    assert estimate.after_train_call(1.0, 10) is None  # said once
+
+
+def test_no_cpu_warning_for_a_short_run():
+    c = tiny(max_iters=2000, eval_interval=250, eval_iters=20)
+    estimate = progress.CPUEstimate(c)
+    assert estimate.after_eval_batches(0.005, 0) is None  # 2000 x 15 ms + 8 x 0.2 s: 32 s
+    assert estimate.after_train_call(0.016, 50) is None
 
 
 def test_duration():
