@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -196,19 +201,25 @@ print(f"loss at init {loss_fn(params, xb, yb):.4f}; a uniform guess would be -ln
 # repeat. Each step gets its own key.
 
 # %%
+@jax.jit
+def next_token(params, idx, key):
+    """idx (B, T) -> (B, 1): sample the token that follows each row."""
+    logits = bigram.apply({"params": params}, idx)[:, -1, :]  # (B, C) the last position
+    return jax.random.categorical(key, logits)[:, None]  # (B, 1); torch.multinomial(probs, 1)
+
+
 def generate_loop(params, idx, max_new_tokens, rng):
     """The lecture's generate: idx (B, T) -> (B, T + max_new_tokens), one Python step a token."""
     keys = jax.random.split(rng, max_new_tokens)
     for i in range(max_new_tokens):
-        # the lecture passes all of idx; the bigram reads only the last token, and in JAX a new
-        # input shape at every step would mean new compiled code at every step
-        logits = bigram.apply({"params": params}, idx[:, -1:])[:, -1, :]  # (B, C)
-        idx_next = jax.random.categorical(keys[i], logits)[:, None]  # (B, 1); torch.multinomial
-        idx = jnp.concatenate([idx, idx_next], axis=1)  # (B, T+1)
+        # the bigram reads only the last token (the lecture passes all of idx): JAX compiles a
+        # function once per input shape, and a growing input would compile at every step
+        idx_next = next_token(params, idx[:, -1:], keys[i])  # (B, 1)
+        idx = np.concatenate([idx, idx_next], axis=1)  # (B, T+1), grown on the host
     return idx
 
 
-start = jnp.zeros((1, 1), dtype=jnp.int32)  # token 0 is the newline
+start = np.zeros((1, 1), dtype=np.int32)  # token 0 is the newline
 print(decode(generate_loop(params, start, 100, jax.random.PRNGKey(1))[0].tolist()))
 
 # %% [markdown]
@@ -240,11 +251,11 @@ for steps in range(BIGRAM_STEPS):
 print(f"loss after {BIGRAM_STEPS} steps: {float(loss):.4f} ({time.perf_counter() - t0:.1f} s)")
 
 # %% [markdown]
-# **The functional lens: `jax.lax.scan` for the sampler.** The Python loop above runs one
-# small computation per token and grows `idx` by one each time (a new shape every step). A
-# sampler that compiles once carries a fixed-shape state through `jax.lax.scan`: here the last
-# token, since the bigram looks at nothing else. With the same keys it draws exactly the
-# same tokens as the loop.
+# **The functional lens: `jax.lax.scan` for the sampler.** The loop above returns to Python
+# after every token, and its `idx` changes shape at every step. A sampler that is one compiled
+# program carries a fixed-shape state through `jax.lax.scan` instead: here the last token, since
+# the bigram looks at nothing else. With the same keys it draws exactly the same tokens as the
+# loop.
 
 # %%
 @jax.jit
@@ -530,7 +541,7 @@ print("per token:", np.allclose(whole, one_at_a_time, atol=1e-5))
 
 # %%
 block = model.Block(cfg)
-block_params = block.init(jax.random.PRNGKey(0), x)["params"]
+block_params = jax.jit(block.init)(jax.random.PRNGKey(0), x)["params"]
 print(jax.tree.map(jnp.shape, block_params))
 y = block.apply({"params": block_params}, x)
 print(f"|block(x) - x| / |x| = {jnp.linalg.norm(y - x) / jnp.linalg.norm(x):.3f}")
