@@ -42,11 +42,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-# a checkout that is not pip-installed: make `jaxgpt` and `configs` importable from docs/
-for root in (Path.cwd(), Path.cwd().parent):
-    if (root / "jaxgpt" / "model.py").is_file() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+try:
+    import jaxgpt
+except ImportError:  # a checkout that is not pip-installed, opened in docs/
+    sys.path.insert(0, str(Path.cwd().parent))
+    import jaxgpt
+sys.path.insert(0, str(Path(jaxgpt.__file__).resolve().parents[1]))  # the recipes in configs/
 
+from absl import logging as absl_logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -56,6 +59,7 @@ import optax
 from jaxgpt import checkpoint, data, model, plot, sampling, training
 from jaxgpt.tokenizer import CharTokenizer
 
+absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's informational warnings
 print(f"jax {jax.__version__} on {jax.devices()[0].platform}: {jax.devices()}")
 
 # %% [markdown]
@@ -543,12 +547,13 @@ print("per token:", np.allclose(whole, one_at_a_time, atol=1e-5))
 block = model.Block(cfg)
 block_params = jax.jit(block.init)(jax.random.PRNGKey(0), x)["params"]
 print(jax.tree.map(jnp.shape, block_params))
-y = block.apply({"params": block_params}, x)
+y, _ = block.apply({"params": block_params}, x)  # (B, T, C), and the KV cache: None here
 print(f"|block(x) - x| / |x| = {jnp.linalg.norm(y - x) / jnp.linalg.norm(x):.3f}")
 
 
 def last_token_out(v):  # the Block's output at the last token of x[0] as a function of its input
-    return block.apply({"params": block_params}, x[:1].at[0, -1].set(v))[0, -1]  # (C,)
+    y, _ = block.apply({"params": block_params}, x[:1].at[0, -1].set(v))  # (1, T, C)
+    return y[0, -1]  # (C,)
 
 
 jac = jax.jit(jax.jacobian(last_token_out))(x[0, -1])  # (C, C); transformations compose

@@ -20,6 +20,12 @@ def init(module, x, seed=0):
     return module.init(jax.random.PRNGKey(seed), x)
 
 
+def forward(module, variables, x):
+    """The module's output; Block and CausalSelfAttention return (y, cache): y."""
+    out = module.apply(variables, x)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def normal(seed, shape):
     return jax.random.normal(jax.random.PRNGKey(seed), shape)
 
@@ -109,7 +115,7 @@ def test_attention_has_no_notion_of_space(module):
     x = normal(1, (2, 8, CFG.n_embd))
     variables = init(module(CFG), x)
     perm = np.array([3, 0, 6, 1, 5, 2, 4, 7])  # tokens 0..6 shuffled, the last kept
-    out, shuffled = module(CFG).apply(variables, x), module(CFG).apply(variables, x[:, perm])
+    out, shuffled = forward(module(CFG), variables, x), forward(module(CFG), variables, x[:, perm])
     np.testing.assert_allclose(shuffled[:, -1], out[:, -1], rtol=1e-5, atol=1e-5)
     assert not np.allclose(shuffled[:, 3], out[:, 3], atol=1e-3)  # the shuffled ones do move
 
@@ -148,7 +154,7 @@ def test_batch_elements_never_talk(module):
         x = normal(4, (3, 8, CFG.n_embd))
         other = x.at[1].set(normal(5, (8, CFG.n_embd)))
     variables = init(module(CFG), x)
-    out, out_other = module(CFG).apply(variables, x), module(CFG).apply(variables, other)
+    out, out_other = forward(module(CFG), variables, x), forward(module(CFG), variables, other)
     np.testing.assert_array_equal(out_other[0], out[0])
     np.testing.assert_array_equal(out_other[2], out[2])
     assert not np.allclose(out_other[1], out[1])
@@ -203,5 +209,5 @@ def test_blocks_are_residual():
         return jnp.zeros_like(leaf) if "c_proj" in names else leaf
 
     zeroed = jax.tree_util.tree_map_with_path(zero_projections, params)
-    np.testing.assert_array_equal(Block(CFG).apply({"params": zeroed}, x), x)
-    assert not np.allclose(Block(CFG).apply({"params": params}, x), x)
+    np.testing.assert_array_equal(forward(Block(CFG), {"params": zeroed}, x), x)
+    assert not np.allclose(forward(Block(CFG), {"params": params}, x), x)

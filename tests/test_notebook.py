@@ -4,7 +4,9 @@ The run uses JAXGPT_NOTEBOOK_SMALL=1 (small models, few steps) and the real text
 JAXGPT_SHAKESPEARE when set (.ci/run sets it), else a generated text: no network needed.
 """
 
+import importlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,17 @@ def test_every_cell_runs(tmp_path, monkeypatch):
     client.execute()  # raises CellExecutionError naming the failing cell
     outputs = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "trained 30 steps" in outputs
+
+
+def test_lecture_table_names_code_and_tests_that_exist():
+    """docs/lecture.md and the notebook cite `module.name` and `test_x.py::test_y`: all exist."""
+    text = (DOCS / "lecture.md").read_text() + SOURCE.read_text()
+    tests = set(re.findall(r"(test_\w+\.py)::(test_\w+)", text))
+    assert len(tests) > 20
+    for file, name in tests:
+        assert f"def {name}(" in (DOCS.parent / "tests" / file).read_text(), f"{file}::{name}"
+    modules = "model|data|tokenizer|training|optim|sampling|plot|bench|checkpoint"
+    code = set(re.findall(rf"`(?:jaxgpt\.)?({modules})\.(\w+)(?![\w(])", text))  # no calls
+    assert len(code) > 15
+    for module, name in code:
+        assert hasattr(importlib.import_module(f"jaxgpt.{module}"), name), f"{module}.{name}"
