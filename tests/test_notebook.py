@@ -14,7 +14,7 @@ import pytest
 jupytext = pytest.importorskip("jupytext")
 nbclient = pytest.importorskip("nbclient")
 
-from tests.conftest import SHAKESPEARE  # noqa: E402
+from tests.conftest import SHAKESPEARE
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SOURCE, NOTEBOOK = DOCS / "lets_build_gpt.py", DOCS / "lets_build_gpt.ipynb"
@@ -36,7 +36,7 @@ def test_committed_notebook_has_outputs_from_a_full_run():
     nb = jupytext.read(NOTEBOOK)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.get("execution_count") for c in code), "re-run it top to bottom and save"
-    assert all(not o.get("output_type") == "error" for c in code for o in c.get("outputs", []))
+    assert all(o.get("output_type") != "error" for c in code for o in c.get("outputs", []))
     texts = "".join(o.get("text", "") for c in code for o in c.get("outputs", []))
     assert "trained 2000 steps" in texts, "saved outputs must come from the documented settings"
     assert any("image/png" in o.get("data", {}) for c in code for o in c.get("outputs", []))

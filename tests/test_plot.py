@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
-from matplotlib.image import imread  # noqa: E402
+from matplotlib.image import imread
 
-from jaxgpt import plot  # noqa: E402
-from jaxgpt.errors import UserError  # noqa: E402
-from jaxgpt.training import train  # noqa: E402
-from tests.conftest import tiny  # noqa: E402
+from jaxgpt import plot
+from jaxgpt.errors import UserError
+from jaxgpt.training import train
+from tests.conftest import tiny
 
 
 def write_metrics(workdir, seed):
