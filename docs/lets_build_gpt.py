@@ -29,11 +29,14 @@
 # **Running it.** From a checkout: `pip install -e ".[notebook]"`, then open this notebook
 # (`docs/lets_build_gpt.ipynb`; its source is `docs/lets_build_gpt.py`, a jupytext pair). On
 # Colab: upload or clone the repository, `%pip install -e <repo>[notebook]`, open the notebook
-# from `docs/`. Every cell runs on a laptop CPU; at the settings below the whole notebook took
-# about 4 minutes on a 2-core CPU (the outputs saved in it come from such a run). A GPU or TPU
-# runtime runs the same code.
+# from `docs/`. Every cell runs on a laptop CPU. The outputs saved in the notebook come from a
+# run at the settings below on a 2-core CPU shared with other jobs, which took 5 minutes, 3.7
+# of them in the 2000 training steps (about 40 s on an idle machine, see `docs/performance.md`).
+# A GPU or TPU runtime runs the same code.
 
 # %%
+import contextlib
+import io
 import math
 import os
 import sys
@@ -49,12 +52,12 @@ except ImportError:  # a checkout that is not pip-installed, opened in docs/
     import jaxgpt
 sys.path.insert(0, str(Path(jaxgpt.__file__).resolve().parents[1]))  # the recipes in configs/
 
-from absl import logging as absl_logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging as absl_logging
 
 from jaxgpt import checkpoint, data, model, plot, sampling, training
 from jaxgpt.tokenizer import CharTokenizer
@@ -629,7 +632,7 @@ print(f"loss at init {loss:.4f} vs ln {vocab_size} = {math.log(vocab_size):.4f}"
 # free.
 
 # %%
-from configs import lecture, shakespeare_cpu  # noqa: E402 (the recipes live beside jaxgpt/)
+from configs import lecture, shakespeare_cpu  # the recipes, beside jaxgpt/
 
 lecture_config = lecture.get_config()
 lecture_model = model.GPT(model.GPTConfig.from_config(lecture_config, vocab_size))
@@ -659,7 +662,8 @@ if SMALL:  # CI: a 2-layer model, a few steps, tiny evals
     config.warmup_iters = 5
 workdir = Path(tempfile.mkdtemp(prefix="jaxgpt_notebook_")) / "shakespeare_cpu"
 t0 = time.perf_counter()
-training.train(config, workdir)
+with contextlib.redirect_stderr(io.StringIO()):  # the progress bar: noise in a saved notebook
+    training.train(config, workdir)  # prints nanoGPT's eval lines
 print(f"trained {GPT_ITERS} steps in {time.perf_counter() - t0:.0f} s into {workdir}")
 
 # %% [markdown]
@@ -667,7 +671,7 @@ print(f"trained {GPT_ITERS} steps in {time.perf_counter() - t0:.0f} s into {work
 # one `python -m jaxgpt.plot WORKDIR` writes to `WORKDIR/loss.png`:
 
 # %%
-from IPython.display import Image, display  # noqa: E402
+from IPython.display import Image, display
 
 Image(filename=str(plot.save([workdir])))
 
