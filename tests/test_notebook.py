@@ -48,7 +48,7 @@ def test_every_cell_runs(tmp_path, monkeypatch):
     else:
         from tests.conftest import synthetic_text
         text = tmp_path / "input.txt"
-        text.write_text(synthetic_text(50_000))
+        text.write_text(synthetic_text(50_000) + "\nhii there\n")  # the lecture's example
     monkeypatch.setenv("JAXGPT_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("JAXGPT_SHAKESPEARE", str(text))
     monkeypatch.setenv("HOME", str(tmp_path))  # nothing written outside tmp_path
