@@ -18,8 +18,9 @@ def get_config():
     c.max_iters = 2000
     c.dropout = 0.0
     c.eval_iters = 20
-    # A call's host cost (dispatch, argument handling) is ~5 ms; on a 2-core CPU it competes
-    # with XLA's two compute threads instead of hiding behind them. 50 steps per call cuts it
-    # to ~0.1 ms/step (docs/performance.md: -7 % per step vs 10); 250 = eval_interval divides.
+    # A call's fixed host cost (dispatch, argument handling) is ~15 ms; on a 2-core CPU it
+    # competes with XLA's two compute threads instead of hiding behind them. 50 steps per call
+    # cuts it to ~0.3 ms/step (docs/performance.md: -5 % per step vs 10); 250 = eval_interval
+    # divides.
     c.steps_per_call = 50
     return c

@@ -1,0 +1,97 @@
+"""jaxgpt.plot: the curves drawn are the numbers in metrics.jsonl; the CLI writes a real PNG."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+from matplotlib.image import imread
+
+from jaxgpt import plot
+from jaxgpt.errors import UserError
+from jaxgpt.training import train
+from tests.conftest import tiny
+
+
+def write_metrics(workdir, seed):
+    """A metrics.jsonl in train.py's format with random numbers; returns them by field."""
+    rng = np.random.default_rng(seed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ev = {"step": [0, 10, 20], "train_loss": rng.uniform(1, 4, 3).tolist(),
+          "val_loss": rng.uniform(1, 4, 3).tolist(), "lr": rng.uniform(0, 1e-3, 3).tolist()}
+    tr = {"step": list(range(0, 20, 2)), "loss": rng.uniform(1, 4, 10).tolist(),
+          "lr": rng.uniform(0, 1e-3, 10).tolist()}
+    lines = []
+    for i, s in enumerate(tr["step"]):
+        if s % 10 == 0:
+            j = s // 10
+            lines.append({"event": "eval", "step": s, "train_loss": ev["train_loss"][j],
+                          "val_loss": ev["val_loss"][j], "lr": ev["lr"][j]})
+        lines.append({"event": "train", "step": s, "loss": tr["loss"][i], "grad_norm": 1.0,
+                      "lr": tr["lr"][i], "step_ms": 5.0, "tokens_per_sec": 1e4})
+    lines.append({"event": "eval", "step": 20, "train_loss": ev["train_loss"][2],
+                  "val_loss": ev["val_loss"][2], "lr": ev["lr"][2]})
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    return ev, tr
+
+
+def lines_by_label(ax):
+    return {line.get_label(): np.asarray(line.get_xydata()) for line in ax.get_lines()}
+
+
+def test_figure_draws_the_files_numbers_one_colour_per_run(tmp_path):
+    a, b = tmp_path / "run_a", tmp_path / "run_b"
+    (ev_a, tr_a), (ev_b, tr_b) = write_metrics(a, 0), write_metrics(b, 1)
+    fig = plot.figure([a, b])
+    ax_loss, ax_lr = fig.axes
+    loss, lr = lines_by_label(ax_loss), lines_by_label(ax_lr)
+    for name, ev, tr in (("run_a", ev_a, tr_a), ("run_b", ev_b, tr_b)):
+        np.testing.assert_array_equal(loss[f"{name}: val loss"], np.c_[ev["step"], ev["val_loss"]])
+        np.testing.assert_array_equal(loss[f"{name}: train loss (eval)"],
+                                      np.c_[ev["step"], ev["train_loss"]])
+        np.testing.assert_array_equal(loss[f"{name}: train loss (per step)"],
+                                      np.c_[tr["step"], tr["loss"]])
+        np.testing.assert_array_equal(lr[name], np.c_[tr["step"], tr["lr"]])
+    colours = {line.get_label().split(":")[0]: line.get_color() for line in ax_loss.get_lines()}
+    assert colours["run_a"] != colours["run_b"]
+    assert {t.get_text() for t in ax_loss.get_legend().get_texts()} == set(loss)
+
+
+def test_cli_writes_a_png_into_the_first_workdir(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_metrics(a, 0), write_metrics(b, 1)
+    plot.main([str(a), str(b)])
+    out = a / "loss.png"
+    assert capsys.readouterr().out.strip() == str(out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = imread(out)  # decodes: a real image, not just a header
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image[..., :3].std() > 0  # something drawn on it
+    plot.main([str(a), "--out", str(tmp_path / "pics" / "x.png")])
+    assert imread(tmp_path / "pics" / "x.png").shape == image.shape
+
+
+def test_plots_a_real_training_run(tmp_path, text_file):
+    workdir = tmp_path / "run"
+    train(tiny(text_file, max_iters=10, eval_interval=5, log_interval=2), workdir)
+    events = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 5, 10]
+    loss = lines_by_label(plot.figure([workdir]).axes[0])
+    np.testing.assert_array_equal(loss["run: val loss"],
+                                  [[e["step"], e["val_loss"]] for e in evals])
+
+
+@pytest.mark.parametrize("content", [None, "", "\n"])
+def test_missing_or_empty_metrics_is_one_line(tmp_path, capsys, content):
+    if content is not None:
+        (tmp_path / "metrics.jsonl").write_text(content)
+    with pytest.raises(UserError, match="metrics.jsonl"):
+        plot.read_metrics(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        plot.main([str(tmp_path)])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "loss.png").exists()
