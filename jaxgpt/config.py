@@ -11,6 +11,7 @@ from jaxgpt.model import GPTConfig
 
 MODELS = ("gpt", "bigram")
 INIT_FROM = ("auto", "scratch", "resume")  # auto: resume if WORKDIR has a checkpoint
+PARAM_COUNTS = ("nanogpt", "all")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -32,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.attention_impl = "softmax"
     c.activation = "gelu"
     c.tie_weights = True
+    c.lm_head_bias = False  # a bias in the untied lm_head (the lecture's nn.Linear)
+    c.embd_dropout = True  # dropout on tok_emb + pos_emb (nanoGPT); the lecture has none
+    c.scale_residual_init = True  # GPT-2's residual-projection init; the lecture: all 0.02
     c.dtype = "auto"  # compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU); params float32
     c.remat = False  # jax.checkpoint each Block (memory for compute)
     # optimizer (nanoGPT's train.py defaults)
@@ -45,11 +49,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.warmup_iters = 2000
     c.lr_decay_iters = ml_collections.config_dict.placeholder(int)  # None: = max_iters
     c.min_lr = 6e-5
+    c.decay_all = False  # True: decay every param (torch's AdamW on model.parameters(), the
+    # lecture); False: only >= 2-D weights (nanoGPT)
     # loop
     c.batch_size = 12
     c.gradient_accumulation_steps = 1
     c.eval_interval = 2000
     c.eval_iters = 200
+    c.eval_before_last_step = False  # True: the lecture's loop (evals at iter % eval_interval
+    # == 0 or iter == max_iters - 1, each before that iter's step: the last after max_iters-1
+    # steps); False: nanoGPT's (the last eval after all max_iters steps)
+    c.param_count = "nanogpt"  # printed count: "nanogpt" (no position embeddings) | "all" (the
+    # lecture's `sum(p.numel() ...)`, printed as gpt.py does)
     c.log_interval = 1
     c.steps_per_call = 1  # optimizer steps per compiled call (lax.scan): no Python between them
     c.seed = 1337
@@ -79,6 +90,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """
     _one_of(config, "model", MODELS)
     _one_of(config, "init_from", INIT_FROM)
+    _one_of(config, "param_count", PARAM_COUNTS)
     try:
         GPTConfig.from_config(config, vocab_size=1)
     except UserError as e:

@@ -1,4 +1,4 @@
-"""nanoGPT and Hugging Face GPT-2 weights <-> jaxgpt params (numpy in, numpy out).
+"""nanoGPT, the lecture's gpt.py and Hugging Face GPT-2 weights <-> jaxgpt params (numpy).
 
 The jaxgpt `GPT` with fused attention, exact GELU, LayerNorm eps 1e-5 and a tied head computes
 nanoGPT's function, so a nanoGPT checkpoint runs here unchanged:
@@ -127,6 +127,51 @@ def to_nanogpt(config: GPTConfig, params) -> tuple[dict, dict]:
     sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied, as nanoGPT stores it
     sd = {k: np.array(v, np.float32) for k, v in sd.items()}
     return sd, {k: getattr(config, k) for k in _MODEL_ARGS}
+
+
+def from_lecture(state_dict, dropout: float = 0.2) -> tuple[GPTConfig, dict]:
+    """The lecture's `GPTLanguageModel().state_dict()` (gpt.py) -> (config, params) of the
+    `heads` GPT that computes the same function (configs/lecture.py's model).
+
+    The sizes are read off the shapes; gpt.py's names map as token_embedding_table -> wte,
+    position_embedding_table -> wpe, blocks.i -> h_i (sa.heads.h -> attn.heads_h, sa.proj ->
+    attn.c_proj, ffwd.net.0 / net.2 -> mlp.c_fc / c_proj, ln1 / ln2 -> ln_1 / ln_2), ln_f,
+    lm_head (with its bias). Its causal-mask buffers (`tril`) are not weights.
+    """
+    weights = {k.removeprefix(_PREFIX): _numpy(v) for k, v in state_dict.items()
+               if not k.endswith(".tril")}
+    get = _getter(weights, "state_dict")
+    wte, wpe = get("token_embedding_table.weight"), get("position_embedding_table.weight")
+    n_layer = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
+    n_head = len({k.split(".")[4] for k in weights if k.startswith("blocks.0.sa.heads.")})
+    config = GPTConfig(block_size=wpe.shape[0], vocab_size=wte.shape[0], n_layer=n_layer,
+                       n_head=n_head, n_embd=wte.shape[1], dropout=dropout, bias=True,
+                       attention="heads", activation="relu", tie_weights=False,
+                       lm_head_bias=True, embd_dropout=False, scale_residual_init=False,
+                       dtype="float32")
+
+    def dense(name, bias=True):
+        p = {"kernel": _linear(get(f"{name}.weight"))}
+        if bias:
+            p["bias"] = get(f"{name}.bias")
+        return p
+
+    def norm(name):
+        return {"scale": get(f"{name}.weight"), "bias": get(f"{name}.bias")}
+
+    params = {"wte": {"embedding": wte}, "wpe": {"embedding": wpe}, "ln_f": norm("ln_f"),
+              "lm_head": dense("lm_head")}
+    for i in range(n_layer):
+        b = f"blocks.{i}"
+        heads = {f"heads_{h}": {name: dense(f"{b}.sa.heads.{h}.{name}", bias=False)
+                                for name in ("key", "query", "value")} for h in range(n_head)}
+        params[f"h_{i}"] = {
+            "ln_1": norm(f"{b}.ln1"),
+            "attn": {**heads, "c_proj": dense(f"{b}.sa.proj")},
+            "ln_2": norm(f"{b}.ln2"),
+            "mlp": {"c_fc": dense(f"{b}.ffwd.net.0"), "c_proj": dense(f"{b}.ffwd.net.2")},
+        }
+    return config, params
 
 
 def from_hf_gpt2(directory) -> tuple[GPTConfig, dict]:

@@ -60,6 +60,9 @@ class GPTConfig:
     attention_impl: str = "softmax"  # fused path: explicit softmax | jax.nn.dot_product_attention
     activation: str = "gelu"
     tie_weights: bool = True  # lm_head shares wte's weights (nanoGPT); the lecture has its own
+    lm_head_bias: bool = False  # the untied lm_head has a bias (the lecture's nn.Linear)
+    embd_dropout: bool = True  # dropout on tok_emb + pos_emb (nanoGPT); the lecture has none
+    scale_residual_init: bool = True  # GPT-2's 1/sqrt(2 n_layer) init of residual projections
     dtype: str = "float32"  # compute dtype ("auto": bfloat16 on GPU/TPU); params always float32
     remat: bool = False  # recompute each Block in the backward pass (jax.checkpoint)
 
@@ -76,6 +79,9 @@ class GPTConfig:
         _one_of("attention", self.attention, ATTENTIONS)
         _one_of("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _one_of("dtype", self.dtype, DTYPES)
+        if self.lm_head_bias and self.tie_weights:
+            raise UserError("lm_head_bias=True needs an untied lm_head: set tie_weights=False "
+                            "(the tied head is wte's transpose, with no bias)")
         if self.attention_impl == "cudnn" and (jax.default_backend() != "gpu" or
                                                resolve_dtype(self.dtype) == "float32"):
             raise UserError("attention_impl='cudnn' needs a GPU and dtype bfloat16 or float16: "
@@ -125,8 +131,9 @@ def dense(config: GPTConfig, features: int, *, bias: bool, std: float = 0.02) ->
 
 def residual_std(config: GPTConfig) -> float:
     # GPT-2: scale the init of projections that write into the residual stream by
-    # 1/sqrt(2 * n_layer), since each of the n_layer blocks adds two of them to it.
-    return 0.02 / math.sqrt(2 * config.n_layer)
+    # 1/sqrt(2 * n_layer), since each of the n_layer blocks adds two of them to it. The
+    # lecture's gpt.py inits every Linear with normal(0.02).
+    return 0.02 / math.sqrt(2 * config.n_layer) if config.scale_residual_init else 0.02
 
 
 def layer_norm(config: GPTConfig) -> nn.LayerNorm:
@@ -331,7 +338,7 @@ class GPT(nn.Module):
         self.h = [block(cfg) for _ in range(cfg.n_layer)]
         self.ln_f = layer_norm(cfg)
         if not cfg.tie_weights:  # the lecture's own output layer
-            self.lm_head = dense(cfg, cfg.vocab_size, bias=False)
+            self.lm_head = dense(cfg, cfg.vocab_size, bias=cfg.lm_head_bias)
 
     def __call__(self, idx, deterministic: bool = True, cache=None, pos=0):
         """idx (B, T) -> logits (B, T, vocab).
@@ -349,7 +356,9 @@ class GPT(nn.Module):
                             "sample through model.fused(model, params)")
         tok_emb = self.wte(idx)  # (B, T, C)
         pos_emb = self.wpe(pos + jnp.arange(T))  # (T, C)
-        x = self.drop(tok_emb + pos_emb, deterministic=deterministic)  # (B, T, C)
+        x = tok_emb + pos_emb  # (B, T, C)
+        if cfg.embd_dropout:  # nanoGPT; the lecture's gpt.py adds the two with no dropout
+            x = self.drop(x, deterministic=deterministic)  # (B, T, C)
         caches = [None] * cfg.n_layer if cache is None else list(cache)
         for i, block in enumerate(self.h):
             x, caches[i] = block(x, deterministic, caches[i], pos)  # (B, T, C)
@@ -420,7 +429,8 @@ def make_model(config, vocab_size: int) -> nn.Module:
 
 
 def count_params(params, non_embedding: bool = True) -> int:
-    """Parameter count; nanoGPT's way (without position embeddings) by default."""
+    """Parameter count; nanoGPT's way (without position embeddings) by default, the lecture's
+    (`sum(p.numel() for p in m.parameters())`: every parameter) with non_embedding=False."""
     n = sum(p.size for p in jax.tree.leaves(params))
     if non_embedding and "wpe" in params:
         n -= params["wpe"]["embedding"].size

@@ -25,8 +25,10 @@ def decay_mask(params):
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
+    # decay_all: torch.optim.AdamW(model.parameters()) as the lecture, every tensor decays
     adamw = optax.adamw(lr_schedule(config), b1=config.beta1, b2=config.beta2, eps=1e-8,
-                        weight_decay=config.weight_decay, mask=decay_mask)
+                        weight_decay=config.weight_decay,
+                        mask=None if config.decay_all else decay_mask)
     if config.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
     return adamw

@@ -190,8 +190,12 @@ def train(config, workdir) -> TrainState:
     state, resumed = ckpt.start(s.state, s.dataset.tokenizer)  # resumed: restored step or None
     if resumed is not None:
         say(f"resuming from the checkpoint of step {resumed} in {workdir}")
-    say(f"number of parameters: {count_params(state.params) / 1e6:.2f}M "
-        f"(devices: {s.mesh.devices.size} {jax.devices()[0].platform}, mesh {dict(s.mesh.shape)})")
+    devices = (f"(devices: {s.mesh.devices.size} {jax.devices()[0].platform}, "
+               f"mesh {dict(s.mesh.shape)})")
+    if config.param_count == "all":  # gpt.py: print(sum(p.numel() ...)/1e6, 'M parameters')
+        say(f"{count_params(state.params, non_embedding=False) / 1e6} M parameters {devices}")
+    else:
+        say(f"number of parameters: {count_params(state.params) / 1e6:.2f}M {devices}")
 
     eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
     writer = metrics_lib.Metrics(workdir, config, enabled=main)
@@ -242,6 +246,9 @@ def train(config, workdir) -> TrainState:
             shown["mfu"] = f"{100 * util:.1f}%"
         bar.set_postfix(shown)
 
+    # nanoGPT evaluates after the last step (at max_iters); the lecture's loop at iter
+    # max_iters - 1, before its step, and not after it
+    last_eval = config.max_iters - 1 if config.eval_before_last_step else config.max_iters
     step = int(state.step)
     bar = tqdm(total=config.max_iters, initial=step, disable=not main, dynamic_ncols=True)
     pending = None  # (first step, metrics on device) of the call in flight
@@ -257,13 +264,17 @@ def train(config, workdir) -> TrainState:
     try:
         with preemption.Preemption() as signals:
             while True:
-                at_eval = step % config.eval_interval == 0 or step == config.max_iters
+                at_eval = ((step % config.eval_interval == 0 and step < last_eval)
+                           or step == last_eval)
                 if at_eval and step != resumed:  # a resumed step was evaluated and saved already
                     drain()  # before evaluating, so logs stay in step order
                     losses = run_eval(step)
-                    ckpt.after_eval(state, losses, final=step == config.max_iters)
+                    ckpt.after_eval(state, losses, final=step == last_eval)
                     last = time.perf_counter()
                 if step >= config.max_iters:
+                    if last_eval < step:  # the lecture's loop: a last step after the last eval
+                        drain()
+                        ckpt.save_now(state)  # no val loss: the latest, never the "best"
                     break
                 if signals.reached(calls):  # all processes agree on this step
                     drain()
@@ -271,6 +282,8 @@ def train(config, workdir) -> TrainState:
                     raise preemption.Preempted(step, signals.signum, ckpt.save_now(state))
                 profiler.before_call(step, calls, state)
                 next_eval = (step // config.eval_interval + 1) * config.eval_interval
+                if step < last_eval:
+                    next_eval = min(next_eval, last_eval)
                 n = min(config.steps_per_call, next_eval - step, config.max_iters - step)
                 if calls == 0:
                     bar.set_postfix_str("compiling the training step")
