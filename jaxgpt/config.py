@@ -20,6 +20,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = "shakespeare_char"
     c.data_path = ""  # a local UTF-8 text file instead of downloading (offline machines, CI)
     c.data_dir = ""  # where downloads / prepared tokens live ("" = ~/.cache/jaxgpt)
+    # dataset=addition (the lecture's exercise 2, jaxgpt/addition.py): a+b=c of `digits`-digit
+    # numbers, c written least significant digit first if `reverse`, `eval_problems` held out
+    c.addition = ml_collections.ConfigDict({"digits": 2, "reverse": False, "eval_problems": 500})
     # model (nanoGPT's GPTConfig, plus the lecture's variants)
     c.model = "gpt"
     c.block_size = 1024

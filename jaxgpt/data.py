@@ -17,6 +17,7 @@ import threading
 import urllib.request
 from pathlib import Path
 from queue import Full, Queue
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,8 @@ class Dataset:
     val: np.ndarray  # (N_val,) token ids
     tokenizer: object
     on_host: bool = False  # np.memmap token files: sampled on the host, not put on the device
+    batch_source: Any = None  # a task's own batch source class (addition.py); None: text
+    evaluate: Any = None  # (model, params) -> {name: value}, reported at every eval (a task's)
 
 
 def _data_dir(config) -> str:
@@ -93,6 +96,9 @@ def _download(url: str, path: Path) -> None:
 
 def load_dataset(config) -> Dataset:
     """Tokenize the text and split it 90/10 (char-level datasets), or open prepared BPE bins."""
+    if config.dataset == "addition":  # the lecture's exercise 2: a+b=c problems
+        from jaxgpt import addition
+        return addition.load(config)
     if config.dataset not in CHAR_DATASETS:
         return load_bins(config)
     text = read_text(config)
@@ -313,5 +319,7 @@ class HostBatches:
 
 
 def batches(dataset: Dataset, config, mesh):
-    """The batch source for a dataset: on the host for token files, else on the device."""
-    return (HostBatches if dataset.on_host else DeviceBatches)(dataset, config, mesh)
+    """The batch source for a dataset: a task's own, on the host for token files, else on the
+    device."""
+    source = dataset.batch_source or (HostBatches if dataset.on_host else DeviceBatches)
+    return source(dataset, config, mesh)

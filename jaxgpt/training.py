@@ -34,8 +34,11 @@ class TrainState(train_state.TrainState):
 
 
 def cross_entropy(logits, targets):
-    """Mean next-token cross-entropy; logits (B, T, V) float32, targets (B, T) int."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    """Mean next-token cross-entropy over the targets that are not -1 (torch's ignore_index=-1:
+    a task masks positions it does not score); logits (B, T, V) float32, targets (B, T) int."""
+    keep = targets != -1  # (B, T)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, targets, 0))
+    return jnp.sum(jnp.where(keep, losses, 0.0)) / jnp.maximum(keep.sum(), 1)
 
 
 def loss_fn(params, apply_fn, x, y, dropout_rng):
@@ -216,9 +219,12 @@ def train(config, workdir) -> TrainState:
                 warn(estimate.after_eval_batches(per_batch, step))
 
         losses = estimate_loss(s, state.params, jax.random.fold_in(eval_key, step), on_call)
-        say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        # a task's own measure (addition: exact-match accuracy on held-out problems)
+        extra = s.dataset.evaluate(s.model, state.params) if s.dataset.evaluate else {}
+        say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+            + "".join(f", {k} {v:.4f}" for k, v in extra.items()))
         writer.write("eval", step, train_loss=losses["train"], val_loss=losses["val"],
-                     lr=float(state.lr_schedule(step)))
+                     lr=float(state.lr_schedule(step)), **extra)
         writer.flush()
         _check_finite(losses["val"], step)
         return losses

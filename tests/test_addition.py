@@ -1,0 +1,129 @@
+"""The lecture's exercise 2 (jaxgpt/addition.py): problems, the masked loss, the accuracy."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import addition as addition_config
+from jaxgpt import addition, data, training
+from jaxgpt.errors import UserError
+from jaxgpt.model import GPT, GPTConfig
+from jaxgpt.tokenizer import CharTokenizer
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("digits", [1, 3])
+def test_problems_are_correct_sums(digits, reverse):
+    ids = np.random.default_rng(0).integers(0, 10 ** (2 * digits), 200)
+    tok = CharTokenizer(addition.CHARS)
+    for i, seq in zip(ids, np.asarray(addition.encode(jnp.asarray(ids), digits, reverse))):
+        text = tok.decode(seq)  # e.g. "03+45=048"
+        a, rest = text.split("+")
+        b, c = rest.split("=")
+        assert len(a) == len(b) == digits and len(c) == digits + 1
+        if reverse:
+            c = c[::-1]
+        assert int(a) + int(b) == int(c)
+        assert int(a) * 10**digits + int(b) == i
+
+
+def test_held_out_problems_are_never_trained_on():
+    train, val = addition.problem_ids(2, 500, seed=3)
+    assert len(val) == 500 and not set(train) & set(val)
+    assert sorted([*train, *val]) == list(range(10_000))
+
+
+def test_masked_targets_do_not_count():
+    """cross_entropy = a numpy mean of -log softmax over the targets that are not -1."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 8, 12)).astype(np.float32)
+    seq = addition.encode(jnp.asarray(rng.integers(0, 10_000, 3)), 2, True)
+    _, y = addition.inputs_targets(seq, 2)
+    y = np.asarray(y)
+    assert (y[:, :5] == -1).all() and (y[:, 5:] >= 0).all()  # a, +, b, = masked; c scored
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    keep = y != -1
+    want = -np.take_along_axis(logp, np.where(keep, y, 0)[..., None], -1)[..., 0][keep].mean()
+    np.testing.assert_allclose(training.cross_entropy(jnp.asarray(logits), jnp.asarray(y)), want,
+                               rtol=1e-6)
+    # and the logits at masked positions get no gradient
+    grad = jax.grad(lambda l: training.cross_entropy(l, jnp.asarray(y)))(jnp.asarray(logits))
+    assert not np.any(np.asarray(grad)[:, :5]) and np.any(np.asarray(grad)[:, 5:])
+
+
+def positional_answer_model(answer):
+    """A GPT that ignores the problem: at position p it outputs `answer[p]` (a dict), else 0.
+
+    Blocks write nothing (zero output projections), tokens embed to 0, position p embeds to the
+    one-hot e_p, and the untied head maps e_p to the digit wanted there."""
+    config = GPTConfig(block_size=5, vocab_size=12, n_layer=1, n_head=1, n_embd=8,
+                       tie_weights=False)
+    model = GPT(config)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5), jnp.int32))["params"]
+    params = jax.tree.map(np.array, params)
+    params["wte"]["embedding"][:] = 0
+    params["wpe"]["embedding"][:] = np.eye(5, 8)
+    for p in (params["h_0"]["attn"]["c_proj"], params["h_0"]["mlp"]["c_proj"]):
+        p["kernel"][:], p["bias"][:] = 0, 0
+    head = np.zeros((8, 12), np.float32)
+    for pos, digit in answer.items():
+        head[pos, digit] = 10.0
+    params["lm_head"]["kernel"] = head
+    return model, params
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_accuracy_agrees_with_a_hand_count(reverse):
+    """1-digit problems, prompt `a+b=` (positions 0-3): the model answers "1" then "0" for
+    every problem. Written as is that is c = 10 (9 problems: 1+9 ... 9+1); reversed, c = 01
+    (2 problems: 0+1, 1+0)."""
+    model, params = positional_answer_model({3: 1, 4: 0})
+    ids = np.arange(100)
+    a, b = ids // 10, ids % 10
+    want = np.mean(a + b == (1 if reverse else 10))
+    assert want == (0.02 if reverse else 0.09)
+    assert addition.accuracy(model, params, ids, 1, reverse) == pytest.approx(want)
+
+
+def small(tmp_path, **overrides):
+    c = addition_config.get_config()
+    c.n_layer, c.n_embd, c.batch_size, c.eval_iters = 1, 16, 16, 2
+    c.max_iters, c.eval_interval, c.steps_per_call, c.log_interval = 10, 5, 5, 5
+    c.addition.eval_problems = 50
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def test_training_reports_held_out_accuracy(tmp_path, capsys):
+    c = small(tmp_path)
+    training.train(c, tmp_path)
+    evals = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 5, 10]
+    assert all(0.0 <= e["accuracy"] <= 1.0 for e in evals)
+    out = capsys.readouterr()
+    assert "step 10: train loss" in out.out + out.err and ", accuracy " in out.out + out.err
+
+
+def test_batches_are_problems_with_masked_targets(tmp_path):
+    c = small(tmp_path)
+    s = training.setup(c)
+    assert isinstance(s.batches, addition.AdditionBatches)
+    x, y = s.batches.train_batch(s.batches.train_data(0, 1), 0, jax.random.PRNGKey(0))
+    assert x.shape == y.shape == (1, 16, 8)  # (A, B, T)
+    x, y = np.asarray(x[0]), np.asarray(y[0])
+    a, b = x[:, 0] * 10 + x[:, 1], x[:, 3] * 10 + x[:, 4]
+    c_digits = np.concatenate([x[:, 6:8], y[:, -1:]], axis=1)  # reversed: units first
+    assert ((c_digits * [1, 10, 100]).sum(1) == a + b).all()
+
+
+def test_bad_addition_settings_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="digits=4"):
+        data.load_dataset(small(tmp_path, addition={"digits": 4, "reverse": True,
+                                                    "eval_problems": 10}))
+    with pytest.raises(UserError, match="block_size=5 is shorter"):
+        data.load_dataset(small(tmp_path, block_size=5))
