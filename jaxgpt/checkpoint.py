@@ -34,7 +34,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 # keys that shape the params or the optimizer state: a resume must keep them
 MODEL_KEYS = ("model", "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias",
-              "attention", "tie_weights", "lm_head_bias")
+              "attention", "tie_weights", "lm_head_bias", "position")
 STATE_FIELDS = ("step", "params", "opt_state", "rng")
 
 

@@ -39,6 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.lm_head_bias = False  # a bias in the untied lm_head (the lecture's nn.Linear)
     c.embd_dropout = True  # dropout on tok_emb + pos_emb (nanoGPT); the lecture has none
     c.scale_residual_init = True  # GPT-2's residual-projection init; the lecture: all 0.02
+    c.position = "learned"  # learned position embeddings (wpe) | "rope": rotary q and k, whose
+    # KV cache keeps decoding past block_size one token at a time (docs/sampling.md)
     c.dtype = "auto"  # compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU); params float32
     c.remat = False  # jax.checkpoint each Block (memory for compute)
     # optimizer (nanoGPT's train.py defaults)

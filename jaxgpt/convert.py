@@ -95,9 +95,10 @@ def to_nanogpt(config: GPTConfig, params) -> tuple[dict, dict]:
     """jaxgpt params -> (nanoGPT state_dict of numpy arrays, model_args); inverts from_nanogpt.
 
     The per-head (`attention="heads"`) form is fused on the way out. nanoGPT's GPT has exact
-    GELU and a tied head, so a ReLU / tanh-GELU / untied model cannot be expressed in it.
+    GELU, a tied head and learned positions, so a ReLU / tanh-GELU / untied / rotary model
+    cannot be expressed in it.
     """
-    for key, need in (("activation", "gelu"), ("tie_weights", True)):
+    for key, need in (("activation", "gelu"), ("tie_weights", True), ("position", "learned")):
         if getattr(config, key) != need:
             raise UserError(f"to_nanogpt: nanoGPT's GPT has {key}={need!r}, this model has "
                             f"{getattr(config, key)!r}")

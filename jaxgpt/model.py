@@ -26,7 +26,8 @@ ACTIVATIONS = {
 }
 ATTENTIONS = ("fused", "heads")  # one batched op (exercise 1, nanoGPT) | one `Head` per head
 ATTENTION_IMPLS = ("softmax", "xla", "cudnn")  # explicit softmax | jax.nn.dot_product_attention
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on GPU/TPU, float32 on CPU
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+POSITIONS = ("learned", "rope")  # a learned embedding per position (wpe) | rotary q and k  # auto: bfloat16 on GPU/TPU, float32 on CPU
 
 
 def resolve_dtype(name: str) -> str:
@@ -63,6 +64,7 @@ class GPTConfig:
     lm_head_bias: bool = False  # the untied lm_head has a bias (the lecture's nn.Linear)
     embd_dropout: bool = True  # dropout on tok_emb + pos_emb (nanoGPT); the lecture has none
     scale_residual_init: bool = True  # GPT-2's 1/sqrt(2 n_layer) init of residual projections
+    position: str = "learned"  # "learned": wpe added to tok_emb | "rope": q, k rotated (RoPE)
     dtype: str = "float32"  # compute dtype ("auto": bfloat16 on GPU/TPU); params always float32
     remat: bool = False  # recompute each Block in the backward pass (jax.checkpoint)
 
@@ -79,6 +81,10 @@ class GPTConfig:
         _one_of("attention", self.attention, ATTENTIONS)
         _one_of("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _one_of("dtype", self.dtype, DTYPES)
+        _one_of("position", self.position, POSITIONS)
+        if self.position == "rope" and self.head_size % 2:
+            raise UserError(f"position='rope' rotates pairs of channels: head_size="
+                            f"{self.head_size} (n_embd / n_head) must be even")
         if self.lm_head_bias and self.tie_weights:
             raise UserError("lm_head_bias=True needs an untied lm_head: set tie_weights=False "
                             "(the tied head is wte's transpose, with no bias)")
@@ -147,13 +153,35 @@ def causal_mask(T: int) -> jax.Array:
 
 
 def attention_mask(T: int, S: int, pos=0) -> jax.Array:
-    """(T, S): query t, at position pos + t, may look at key slots <= pos + t.
+    """(T, S): may query t, at position q = pos + t, look at key slot j?
 
-    Training has S = T and pos = 0: `causal_mask(T)`. Sampling writes into a fixed-shape cache
-    of S = block_size slots; slots past the current position hold stale or padding keys, and the
-    mask hides them until they are overwritten, so one cache shape serves every length.
+    Keys live in S slots, position p in slot p mod S (a ring). Slot j then holds, for query q,
+    position p_j = q - ((q - j) mod S), the newest position <= q written there: always one of
+    the last S positions (q - S < p_j <= q), and visible if it exists (p_j >= 0). So:
+    - training (S = T, pos = 0) and sampling within the window (pos + T <= S): slot j holds
+      position j, visible iff j <= q: the causal mask (`causal_mask(T)` when S = T); slots past
+      q hold padding or stale keys and stay hidden until they are overwritten;
+    - decoding one token at a time past S (rotary positions only, see `rope`): every slot is
+      visible and holds one of the last S positions: sliding-window attention of width S.
     """
-    return (pos + jnp.arange(T))[:, None] >= jnp.arange(S)[None, :]
+    q = (pos + jnp.arange(T))[:, None]  # (T, 1) the queries' positions
+    return q - (q - jnp.arange(S)[None, :]) % S >= 0  # (T, S)
+
+
+def rope(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Rotary position embedding (RoPE, Su et al. 2021) of x (..., T, hs) at positions (T,).
+
+    Channel pairs (i, i + hs/2) are rotated by the angle position * 10000^(-2i/hs). A query at
+    position m and a key at n then score q_m . k_n = f(q, k, m - n): attention sees relative
+    positions only, so a key computed at its position stays valid however the window slides.
+    """
+    hs = x.shape[-1]
+    theta = 10000.0 ** (-jnp.arange(0, hs, 2, dtype=jnp.float32) / hs)  # (hs/2,)
+    angle = positions.astype(jnp.float32)[:, None] * theta  # (T, hs/2)
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # (..., T, hs/2) each
+    out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)  # (..., T, hs)
+    return out.astype(x.dtype)
 
 
 def weighted_average(x: jax.Array) -> jax.Array:
@@ -188,6 +216,8 @@ class Head(nn.Module):
         B, T, C = x.shape
         k = self.key(x)  # (B, T, hs)
         q = self.query(x)  # (B, T, hs)
+        if self.config.position == "rope":  # rotate q and k by their positions
+            k, q = rope(k, jnp.arange(T)), rope(q, jnp.arange(T))  # (B, T, hs) each
         # affinities, scaled by head_size ** -0.5 so their variance stays ~1 at init
         wei = q @ k.swapaxes(-2, -1) * k.shape[-1] ** -0.5  # (B, T, hs) @ (B, hs, T) -> (B, T, T)
         wei = jnp.where(causal_mask(T), wei, -jnp.inf)  # (B, T, T) a decoder: no future
@@ -218,10 +248,12 @@ class MultiHeadAttention(nn.Module):
 
 
 def update_cache(cache, k, v, pos):
-    """Write k, v (B, nh, T, hs) into the fixed-shape cache (B, nh, S, hs) at slot `pos`."""
+    """Write k, v (B, nh, T, hs) of positions pos.. into the fixed-shape cache (B, nh, S, hs)
+    at slots pos mod S.. (a ring: past S the newest position replaces the oldest)."""
     k_cache, v_cache = cache
-    k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis=2)
-    v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos, axis=2)
+    slot = pos % k_cache.shape[2]
+    k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), slot, axis=2)
+    v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), slot, axis=2)
     return k, v
 
 
@@ -244,13 +276,18 @@ class CausalSelfAttention(nn.Module):
     def __call__(self, x, deterministic: bool = True, cache=None, pos=0):
         """x (B, T, C) at positions pos.. -> (y (B, T, C), cache).
 
-        `cache` (sampling): (k, v), each (B, nh, block_size, hs), holding positions < pos; the
-        returned one holds positions < pos + T. Training passes none and gets None back.
+        `cache` (sampling): (k, v), each (B, nh, block_size, hs), holding positions < pos (the
+        last block_size of them, position p in slot p mod block_size); the returned one holds
+        positions < pos + T. A call writes T slots from pos mod block_size on, so it needs
+        pos + T <= block_size or T = 1 (past the window: rotary positions only, see
+        `attention_mask`). Training passes none and gets None back.
         """
         B, T, C = x.shape
         nh = self.config.n_head
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # 3 x (B, T, C)
         q, k, v = (t.reshape(B, T, nh, C // nh).swapaxes(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if self.config.position == "rope":  # rotate q and k by their positions
+            q, k = rope(q, pos + jnp.arange(T)), rope(k, pos + jnp.arange(T))  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache = update_cache(cache, k, v, pos)  # (B, nh, S, hs) each
         y = self.attend(q, k, v, pos, deterministic)  # (B, nh, T, hs)
@@ -331,8 +368,9 @@ class GPT(nn.Module):
         init = nn.initializers.normal(0.02)
         self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init,
                             dtype=cfg.compute_dtype)
-        self.wpe = nn.Embed(cfg.block_size, cfg.n_embd, embedding_init=init,
-                            dtype=cfg.compute_dtype)
+        if cfg.position == "learned":  # rotary positions live in the attention instead
+            self.wpe = nn.Embed(cfg.block_size, cfg.n_embd, embedding_init=init,
+                                dtype=cfg.compute_dtype)
         self.drop = nn.Dropout(cfg.dropout)
         block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
         self.h = [block(cfg) for _ in range(cfg.n_layer)]
@@ -355,8 +393,9 @@ class GPT(nn.Module):
             raise UserError("the per-head (attention='heads') modules carry no KV cache: "
                             "sample through model.fused(model, params)")
         tok_emb = self.wte(idx)  # (B, T, C)
-        pos_emb = self.wpe(pos + jnp.arange(T))  # (T, C)
-        x = tok_emb + pos_emb  # (B, T, C)
+        x = tok_emb  # (B, T, C) rope: positions enter through q and k in every attention
+        if cfg.position == "learned":
+            x = x + self.wpe(pos + jnp.arange(T))  # (B, T, C) + (T, C) pos_emb
         if cfg.embd_dropout:  # nanoGPT; the lecture's gpt.py adds the two with no dropout
             x = self.drop(x, deterministic=deterministic)  # (B, T, C)
         caches = [None] * cfg.n_layer if cache is None else list(cache)

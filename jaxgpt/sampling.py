@@ -13,6 +13,13 @@ no cached key stays valid: each step past the window re-prefills the last block_
 `slide=k` (opt-in, not nanoGPT's semantics) drops the oldest k tokens at once instead, so the
 re-prefill happens once per k tokens and the context holds between block_size-k+1 and
 block_size tokens.
+
+With rotary positions (`position="rope"`) attention sees only relative positions, so a cached
+key stays valid when the window slides: past block_size every step stays one cached token, its
+keys written over the oldest slot of the cache (a ring, slot = position mod block_size), and the
+new token attends to the last block_size positions, whose keys were computed when those tokens
+were generated: sliding-window attention (as in Mistral), not nanoGPT's re-run of the cropped
+window (where every layer above the first recomputes the window's keys from the window alone).
 """
 
 import functools
@@ -94,19 +101,22 @@ def decode_chunk(model, params, carry, steps_left, offset, rng, settings, slide,
                  chunk: int):
     """`chunk` decode steps as one lax.scan; returns the new carry and (B, chunk) tokens.
 
-    carry = (cache, window (B, block_size), n: tokens in the window, logits (B, V) for the next
-    token). Step i samples a token, then, unless it was the last wanted (i >= steps_left - 1):
-    writes it at slot n and runs one cached step, or, with the window full, drops its oldest
-    `slide` tokens and re-prefills it (positions have all shifted). Token keys are
-    fold_in(rng, offset + i), so the chunking never changes the samples.
+    carry = (cache, window (B, block_size), n: tokens in the window (rope: tokens so far),
+    logits (B, V) for the next token). Step i samples a token, then, unless it was the last
+    wanted (i >= steps_left - 1): writes it at slot n and runs one cached step, or, with the
+    window full, drops its oldest `slide` tokens and re-prefills it (learned positions have all
+    shifted); with rotary positions it always runs one cached step, past the window into the
+    ring's oldest slot. Token keys are fold_in(rng, offset + i), so the chunking never changes
+    the samples.
     """
     block_size = carry[1].shape[1]
+    rolling = model.config.position == "rope"  # cached keys stay valid past the window
 
     def idle(cache, window, n, tok):
         return cache, window, n, jnp.zeros_like(carry[3])
 
     def append(cache, window, n, tok):  # the cache's case: one token through the model
-        window = jax.lax.dynamic_update_slice(window, tok[:, None], (0, n))  # (B, block_size)
+        window = jax.lax.dynamic_update_slice(window, tok[:, None], (0, n % block_size))  # ring
         logits, cache = model.apply({"params": params}, tok[:, None], cache=cache, pos=n)
         return cache, window, n + 1, logits[:, -1]  # (B, V)
 
@@ -120,7 +130,7 @@ def decode_chunk(model, params, carry, steps_left, offset, rng, settings, slide,
     def step(carry, i):
         cache, window, n, logits = carry
         tok = sample_token(logits, jax.random.fold_in(rng, offset + i), settings)  # (B,)
-        branch = jnp.where(i >= steps_left - 1, 0, jnp.where(n < block_size, 1, 2))
+        branch = jnp.where(i >= steps_left - 1, 0, jnp.where((n < block_size) | rolling, 1, 2))
         return jax.lax.switch(branch, (idle, append, shift), cache, window, n, tok), tok
 
     carry, toks = jax.lax.scan(step, carry, jnp.arange(chunk))  # toks (chunk, B)
