@@ -255,6 +255,31 @@ def generate_naive(model, params, idx, max_new_tokens, *, rng, temperature=1.0, 
     return idx
 
 
+# ---------------------------------------------------------------------------------------------
+# A low-noise loss: every window of a split, not eval_iters random batches
+
+
+def heldout_loss(model, params, tokens, block_size: int, batch_size: int = 64) -> float:
+    """Mean next-token loss over every non-overlapping block_size window of `tokens` (a whole
+    split: for tiny Shakespeare's val split at block 64, 1742 windows, each token once), so two
+    models compare without the sampling noise of estimate_loss's random batches."""
+    tokens = np.asarray(tokens, np.int32)
+    n = (len(tokens) - 1) // block_size  # windows of block_size inputs + their targets
+    x = tokens[:n * block_size].reshape(n, block_size)  # (n, T)
+    y = tokens[1:n * block_size + 1].reshape(n, block_size)  # (n, T)
+    step = _eval_batch(model)
+    total = 0.0
+    for i in range(0, n, batch_size):  # the last, smaller batch compiles once more
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]  # (b, T)
+        total += float(step(params, xb, yb)) * len(xb)  # each window weighs the same
+    return total / n
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_batch(model):
+    return jax.jit(lambda params, x, y: training.eval_step(params, model.apply, x, y))
+
+
 def format_table(r: dict) -> str:
     rows = [
         ("device", f"{r['device_kind']} ({r['platform']}) x{r['device_count']}, "

@@ -26,8 +26,8 @@ ACTIVATIONS = {
 }
 ATTENTIONS = ("fused", "heads")  # one batched op (exercise 1, nanoGPT) | one `Head` per head
 ATTENTION_IMPLS = ("softmax", "xla", "cudnn")  # explicit softmax | jax.nn.dot_product_attention
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-POSITIONS = ("learned", "rope")  # a learned embedding per position (wpe) | rotary q and k  # auto: bfloat16 on GPU/TPU, float32 on CPU
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on GPU/TPU, float32 on CPU
+POSITIONS = ("learned", "rope")  # a learned embedding per position (wpe) | rotary q and k
 
 
 def resolve_dtype(name: str) -> str:

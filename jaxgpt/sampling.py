@@ -181,7 +181,8 @@ def generate(model, params, idx, max_new_tokens, *, rng, temperature=1.0, top_k=
 
     temperature=0 is greedy; top_k / top_p restrict sampling to the k most likely tokens /
     the nucleus of probability mass top_p. `rng` is a jax.random key. `slide` > 1 trades
-    nanoGPT's exact window for speed past block_size (see the module docstring).
+    nanoGPT's exact window for speed past block_size (see the module docstring); a rotary
+    (position="rope") model never re-runs its window, so `slide` does not apply to it.
     """
     new = list(generate_chunks(model, params, idx, max_new_tokens, rng=rng,
                                temperature=temperature, top_k=top_k, top_p=top_p, slide=slide))
