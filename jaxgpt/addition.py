@@ -71,7 +71,7 @@ class AdditionBatches:
                        "val": parallel.put_replicated(dataset.val, mesh)}
         self.accum, self.batch_size = config.gradient_accumulation_steps, config.batch_size
         self.digits, self.reverse = config.addition.digits, config.addition.reverse
-        self.mesh = mesh
+        self.mesh, self.eval_iters = mesh, config.eval_iters
 
     def train_data(self, step: int, n: int):
         return self.splits["train"]
