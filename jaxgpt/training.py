@@ -20,7 +20,7 @@ from jaxgpt import checkpoint
 from jaxgpt import config as config_lib
 from jaxgpt import data as data_lib
 from jaxgpt import metrics as metrics_lib
-from jaxgpt import optim, parallel, preemption, profiling, progress
+from jaxgpt import optim, parallel, preemption, pretrained, profiling, progress
 from jaxgpt import workdir as workdir_lib
 from jaxgpt.errors import UserError
 from jaxgpt.model import count_params, make_model
@@ -171,25 +171,58 @@ def _check_finite(loss: float, step: int):
                         "--config.dtype=float32 (no checkpoint was written for this state)")
 
 
+def from_weights(s: Setup, weights) -> TrainState:
+    """`s`'s fresh state holding the params of `weights` (a checkpoint.Run): step 0 and a fresh
+    optimizer state, as finetuning starts (nanoGPT's init_from='gpt2*')."""
+    params = jax.tree.map(lambda p, x: jax.device_put(jnp.asarray(p, x.dtype), x.sharding),
+                          weights.params, s.state.params)
+    return s.state.replace(params=params)
+
+
+def starting_point(config, workdir):
+    """(config, Setup, state, resumed step or None, checkpoints or None) of a run about to
+    train or evaluate: its own checkpoint if it has one (init_from auto / resume), else the
+    weights init_from names, else a fresh init. `config` has the model keys the weights fix.
+    eval_only reads checkpoints but never writes one."""
+    weights = None
+    if pretrained.is_weights(config.init_from):
+        weights = pretrained.load(config.init_from, config)
+        config = weights.config  # the weights fix the model's shape
+    tokenizer = weights.tokenizer if weights else None
+    s = setup(config, dataset=data_lib.load_dataset(config, tokenizer) if weights else None)
+    state = from_weights(s, weights) if weights else s.state
+    if config.eval_only:
+        has_checkpoint = (workdir / checkpoint.CHECKPOINT_DIR).is_dir()
+        if config.init_from == "resume" or (config.init_from == "auto" and has_checkpoint):
+            state, step = checkpoint.restore(workdir, checkpoint.abstract_like(state))
+            return config, s, state, step, None
+        return config, s, state, None, None
+    ckpt = checkpoint.RunCheckpoints(config, workdir)
+    state, resumed = ckpt.start(state, s.dataset.tokenizer)  # a finetune resumes its own run
+    return config, s, state, resumed, ckpt
+
+
 def train(config, workdir) -> TrainState:
     """The training loop: eval every eval_interval, log every log_interval, return the state.
 
     SIGTERM or Ctrl-C: the call in flight finishes, a checkpoint of that step is saved and
     preemption.Preempted is raised (train.py prints it and exits non-zero; the same command
     resumes). `workdir` is a directory or a URL (gs://...): every file goes through epath.
+    With config.eval_only: one evaluation of the loaded model (train and val loss), printed and
+    written to the metrics, and no checkpoint.
     """
     config_lib.validate(config)  # before any file is touched or anything compiles
     profiling.check(config)
     metrics_lib.check_wandb(config)
     workdir = workdir_lib.prepare(workdir)
-    s = setup(config)
+    config, s, state, resumed, ckpt = starting_point(config, workdir)
     main = parallel.is_main_process()
     say = tqdm.write if main else (lambda *a, **k: None)
 
-    ckpt = checkpoint.RunCheckpoints(config, workdir)
-    state, resumed = ckpt.start(s.state, s.dataset.tokenizer)  # resumed: restored step or None
     if resumed is not None:
         say(f"resuming from the checkpoint of step {resumed} in {workdir}")
+    elif pretrained.is_weights(config.init_from):
+        say(f"starting from the weights of {config.init_from} (step 0, a fresh optimizer)")
     say(f"number of parameters: {count_params(state.params) / 1e6:.2f}M "
         f"(devices: {s.mesh.devices.size} {jax.devices()[0].platform}, mesh {dict(s.mesh.shape)})")
 
@@ -244,6 +277,14 @@ def train(config, workdir) -> TrainState:
 
     step = int(state.step)
     bar = tqdm(total=config.max_iters, initial=step, disable=not main, dynamic_ncols=True)
+    if config.eval_only:  # nanoGPT's eval_only: the first eval, then exit
+        try:
+            run_eval(step)
+        finally:
+            bar.close()
+            s.batches.close()
+            writer.close()
+        return state
     pending = None  # (first step, metrics on device) of the call in flight
     calls = 0  # compiled train calls so far: every process checks for preemption after each
     last = time.perf_counter()
