@@ -143,3 +143,26 @@ def test_vocab_path_makes_one_char_vocabulary_for_two_texts(tmp_path):
     assert small.tokenizer is shared.tokenizer
     assert shared.tokenizer.decode(np.concatenate([small.train, small.val])) == \
         (tmp_path / "small.txt").read_text()
+
+
+@pytest.mark.parametrize("name,init_from", [("finetune_shakespeare", "gpt2-xl"),
+                                            ("eval_gpt2", "gpt2"),
+                                            ("eval_gpt2_medium", "gpt2-medium"),
+                                            ("eval_gpt2_large", "gpt2-large"),
+                                            ("eval_gpt2_xl", "gpt2-xl")])
+def test_gpt2_recipes_are_nanogpts(name, init_from):
+    import importlib
+
+    from jaxgpt import config as config_lib
+
+    c = importlib.import_module(f"configs.{name}").get_config()
+    config_lib.validate(c)
+    assert c.init_from == init_from
+    if name.startswith("eval"):  # nanoGPT: batch 8, 500 eval batches, eval_only
+        assert (c.eval_only, c.batch_size, c.eval_iters, c.dataset) == (True, 8, 500,
+                                                                         "openwebtext")
+    else:  # 1 x 32 accumulation, 20 steps at a constant 3e-5, eval every 5, save on improvement
+        assert (c.dataset, c.batch_size, c.gradient_accumulation_steps, c.max_iters) == \
+            ("shakespeare", 1, 32, 20)
+        assert (c.learning_rate, c.decay_lr, c.eval_interval, c.always_save_checkpoint) == \
+            (3e-5, False, 5, False)
