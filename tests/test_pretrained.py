@@ -166,6 +166,8 @@ def test_gpt2_name_offline_and_uncached_is_one_line(tmp_path, monkeypatch, hub):
         monkeypatch.setattr(pretrained, "_download", _no_hub)
     elif not _has_hub():
         pytest.skip("huggingface_hub is not installed")
+    else:  # the hub reads the variable once, at import
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(UserError) as e:
         pretrained.load("gpt2-medium")
     message = str(e.value)
