@@ -3,17 +3,21 @@
   python -m jaxgpt.import_nanogpt out-shakespeare-char/ckpt.pt runs/imported \
       [--meta data/shakespeare_char/meta.pkl]
 
-The params go through `convert.from_nanogpt`; the run's settings come from the checkpoint's
-`config` (nanoGPT's key names are jaxgpt's); the step is nanoGPT's `iter_num`, so `train.py
---workdir runs/imported` continues the run where it stopped, with a fresh AdamW state (its moments
-are not carried over). The vocabulary: `meta.pkl` (nanoGPT's char-level datasets) if given,
-else GPT-2's BPE. Reading ckpt.pt needs torch (the `[torch]` extra); nothing else does.
+The params, and AdamW's two moments, go through `convert.from_nanogpt`; the run's settings come
+from the checkpoint's `config` (nanoGPT's key names are jaxgpt's); the step and the optimizer's
+step counts are nanoGPT's `iter_num`, so `train.py --workdir runs/imported` continues the run
+where it stopped, on the same learning-rate schedule. The vocabulary: `meta.pkl` (nanoGPT's
+char-level datasets) if given, else GPT-2's BPE. Reading ckpt.pt needs torch (the `[torch]`
+extra); nothing else does.
 """
 
 import argparse
 import pickle
 import sys
 from pathlib import Path
+
+import jax
+import optax
 
 from jaxgpt import checkpoint
 from jaxgpt import config as config_lib
@@ -68,6 +72,45 @@ def run_config(ckpt: dict, gpt_config):
     return config
 
 
+def adam_moments(ckpt: dict) -> tuple[dict, dict] | None:
+    """nanoGPT's AdamW `exp_avg` / `exp_avg_sq` as two state dicts in its naming, or None.
+
+    torch numbers the optimizer's params in the order of its param groups: nanoGPT's
+    `configure_optimizers` puts every >= 2-D param first, then the rest, each in
+    `named_parameters()` order (the state_dict's, less the tied lm_head and the mask buffers).
+    """
+    state = ckpt.get("optimizer", {}).get("state")
+    if not state:
+        return None
+    names = [k for k in ckpt["model"] if not k.endswith((".attn.bias", "lm_head.weight"))]
+    ndim = {k: len(ckpt["model"][k].shape) for k in names}
+    order = [k for k in names if ndim[k] >= 2] + [k for k in names if ndim[k] < 2]
+    if len(order) != len(state):
+        raise UserError(f"the optimizer state holds {len(state)} params, the model "
+                        f"{len(order)}: not a checkpoint of nanoGPT's train.py")
+    return tuple({name: state[i][moment] for i, name in enumerate(order)}
+                 for moment in ("exp_avg", "exp_avg_sq"))
+
+
+def with_adam_state(opt_state, step: int, moments, model_args):
+    """`opt_state` (a fresh optax AdamW chain's) with the step counts at `step` and, if given,
+    nanoGPT's moments in jaxgpt's layout."""
+    if moments is not None:
+        mu, nu = (from_nanogpt(m, model_args)[1] for m in moments)
+
+    def fill(x):
+        if isinstance(x, optax.ScaleByAdamState):
+            if moments is not None:
+                x = x._replace(mu=jax_tree_like(mu, x.mu), nu=jax_tree_like(nu, x.nu))
+            return x._replace(count=x.count + step)
+        if isinstance(x, optax.ScaleByScheduleState):  # the learning rate's schedule
+            return x._replace(count=x.count + step)
+        return x
+
+    return jax.tree.map(fill, opt_state, is_leaf=lambda x: isinstance(
+        x, (optax.ScaleByAdamState, optax.ScaleByScheduleState)))
+
+
 def import_run(ckpt: dict, workdir, tokenizer=None) -> int:
     """Write nanoGPT's checkpoint dict as a jaxgpt workdir; returns the step it holds."""
     from jaxgpt import parallel
@@ -86,11 +129,14 @@ def import_run(ckpt: dict, workdir, tokenizer=None) -> int:
     workdir = Path(workdir)
     if (workdir / checkpoint.CHECKPOINT_DIR).exists():
         raise UserError(f"{workdir} already holds checkpoints: import into a new directory")
+    moments = adam_moments(ckpt)
     workdir.mkdir(parents=True, exist_ok=True)
     model = make_model(config, tokenizer.vocab_size)
     state = create_train_state(config, model, parallel.one_device_mesh())
-    state = state.replace(step=state.step + int(ckpt.get("iter_num", 0)),
-                          params=jax_tree_like(params, state.params))
+    step = int(ckpt.get("iter_num", 0))
+    state = state.replace(step=state.step + step, params=jax_tree_like(params, state.params),
+                          opt_state=with_adam_state(state.opt_state, step, moments,
+                                                    ckpt["model_args"]))
     manager = checkpoint.make_manager(workdir, config.keep_best)
     val = float(ckpt.get("best_val_loss", float("nan")))
     checkpoint.write_run_info(workdir, config, tokenizer)
@@ -102,9 +148,7 @@ def import_run(ckpt: dict, workdir, tokenizer=None) -> int:
 
 
 def jax_tree_like(params: dict, like):
-    """The converted numpy params as arrays with the shardings of `like` (a fresh state's)."""
-    import jax
-
+    """Converted numpy arrays as arrays with the dtypes and shardings of `like`."""
     return jax.tree.map(lambda p, x: jax.device_put(p.astype(x.dtype), x.sharding), params, like)
 
 
@@ -122,7 +166,7 @@ def main(argv=None) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"{args.workdir}: nanoGPT's step {step}; sample with python sample.py --workdir "
+    print(f"{args.workdir}: nanoGPT's step {step}, params and AdamW state; sample with python sample.py --workdir "
           f"{args.workdir}, continue with python train.py --config ... --workdir {args.workdir}")
 
 
