@@ -81,7 +81,8 @@ def gpt2_directory(name: str, pretrained_dir: str = "") -> Path:
     """The local directory of OpenAI's `name` weights: pretrained_dir (itself or its `name`
     subdirectory), else the Hugging Face cache, else a download into that cache."""
     where = (f"put config.json, model.safetensors, merges.txt and vocab.json of {HF_ORG}/{name} "
-             f"in a directory and pass --config.pretrained_dir=DIR (or init_from=DIR)")
+             f"in a directory DIR and pass init_from=DIR (train.py: or "
+             f"--config.pretrained_dir=DIR)")
     if pretrained_dir:
         root = Path(pretrained_dir).expanduser()
         for d in (root / name, root):
