@@ -1,18 +1,10 @@
-"""nanoGPT's config/eval_gpt2_xl.py: the loss of OpenAI's gpt2-xl (1558M params: n_layer=48,
-n_head=25, n_embd=1600) on OpenWebText, no training (eval_only).
+"""nanoGPT's config/eval_gpt2_xl.py: configs/eval_gpt2.py for OpenAI's gpt2-xl (1558M params:
+n_layer=48, n_head=25, n_embd=1600)."""
 
-Prepared OpenWebText bins as for configs/gpt2.py; any other data with --config.dataset (e.g.
-shakespeare). 500 batches of 8 x 1024 tokens per split.
-"""
-
-from jaxgpt.config import base_config
+from configs import eval_gpt2
 
 
 def get_config():
-    c = base_config()
-    c.dataset = "openwebtext"
+    c = eval_gpt2.get_config()
     c.init_from = "gpt2-xl"
-    c.eval_only = True
-    c.batch_size = 8
-    c.eval_iters = 500  # use more iterations to get a good estimate
     return c

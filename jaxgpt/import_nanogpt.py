@@ -138,9 +138,9 @@ def import_run(ckpt: dict, workdir, tokenizer=None) -> int:
                           opt_state=with_adam_state(state.opt_state, step, moments,
                                                     ckpt["model_args"]))
     manager = checkpoint.make_manager(workdir, config.keep_best)
-    val = float(ckpt.get("best_val_loss", float("nan")))
+    val = float(ckpt.get("best_val_loss", 1e9))  # nanoGPT's "none yet" value
     checkpoint.write_run_info(workdir, config, tokenizer)
-    if not checkpoint.save(manager, state, val if val == val else 1e9):
+    if not checkpoint.save(manager, state, val):
         raise UserError(f"the checkpoint could not be written to {workdir}")
     manager.wait_until_finished()
     manager.close()
@@ -166,8 +166,9 @@ def main(argv=None) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"{args.workdir}: nanoGPT's step {step}, params and AdamW state; sample with python sample.py --workdir "
-          f"{args.workdir}, continue with python train.py --config ... --workdir {args.workdir}")
+    print(f"{args.workdir}: nanoGPT's step {step}, params and AdamW state; sample with "
+          f"python sample.py --workdir {args.workdir}, continue with python train.py "
+          f"--config ... --workdir {args.workdir}")
 
 
 if __name__ == "__main__":
