@@ -52,7 +52,7 @@ def test_init_from_workdir_starts_at_step_0_with_its_params(pretrained_workdir, 
     text = tmp_path / "other.txt"
     text.write_text(synthetic_text(8000, seed=5))  # a different text over the same characters
     config = finetune_config(text, pretrained_workdir)
-    config, _, state, resumed, ckpt = training.start(config, tmp_path / "ft")
+    config, _, state, resumed, ckpt = training.starting_point(config, tmp_path / "ft")
     ckpt.close()
     source = checkpoint.load_run(pretrained_workdir)
     assert resumed is None and int(state.step) == 0 and source.step == 10
