@@ -150,18 +150,24 @@ def setup(config, *, dataset=None, mesh=None) -> Setup:
 
 def estimate_loss(s: Setup, params, key, on_call=None) -> dict:
     """{split: mean loss over eval_iters batches} (the lecture's estimate_loss), in calls of
-    eval_batches_per_call batches; `on_call(done, total)` after each call (progress)."""
+    eval_batches_per_call batches; `on_call(done, total, seconds)` after each call."""
     per_split = s.batches.eval_iters // data_lib.eval_batches_per_call(s.batches.eval_iters)
     losses = {}
     for i, split in enumerate(("train", "val")):
         total = 0.0
         for j in range(per_split):
             k = jax.random.fold_in(jax.random.fold_in(key, i), j)
-            total += float(s.evaluate(params, s.batches.eval_data(split, k), k))
-            if on_call is not None:
-                on_call(i * per_split + j + 1, 2 * per_split)
+            loss = s.evaluate(params, s.batches.eval_data(split, k), k)  # compiles on 1st call
+            dispatched = time.perf_counter()
+            total += float(loss)  # waits for the device
+            if on_call is not None:  # progress; the call's run time, without its compilation
+                on_call(i * per_split + j + 1, 2 * per_split, time.perf_counter() - dispatched)
         losses[split] = total / per_split
     return losses
+
+
+class _StopEval(Exception):
+    """A stop was requested in the middle of an eval."""
 
 
 def _check_finite(loss: float, step: int):
@@ -235,14 +241,12 @@ def train(config, workdir) -> TrainState:
     tokens_per_step = config.batch_size * config.gradient_accumulation_steps * config.block_size
 
     def run_eval(step):
-        times = [time.perf_counter()]
-
-        def on_call(done, total):  # progress, and the CPU estimate from the 2nd call's pace
-            times.append(time.perf_counter())
+        def on_call(done, total, seconds):
             bar.set_postfix_str(f"evaluating {done}/{total}")
-            if done == 2:  # the first call also compiled
-                per_batch = (times[2] - times[1]) / (config.eval_iters * 2 / total)
-                warn(estimate.after_eval_batches(per_batch, step))
+            if done == 1:
+                warn(estimate.after_eval_batches(seconds * total / (2 * config.eval_iters), step))
+            if signals.requested():  # stop without finishing the eval
+                raise _StopEval
 
         losses = estimate_loss(s, state.params, jax.random.fold_in(eval_key, step), on_call)
         say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -275,7 +279,16 @@ def train(config, workdir) -> TrainState:
             shown["mfu"] = f"{100 * util:.1f}%"
         bar.set_postfix(shown)
 
+    def stop(step):
+        """Preempted: log the call in flight, save this step, wait for the write, raise."""
+        drain()
+        bar.set_postfix_str("saving a checkpoint")
+        raise preemption.Preempted(step, signals.signum, ckpt.save_now(state))
+
     step = int(state.step)
+    # a resumed step with a val loss was evaluated and saved already; one saved on preemption
+    # in the middle of its eval was not
+    evaluated = resumed if resumed in checkpoint.val_losses(ckpt.manager) else None
     bar = tqdm(total=config.max_iters, initial=step, disable=not main, dynamic_ncols=True)
     if config.eval_only:  # nanoGPT's eval_only: the first eval, then exit
         try:
@@ -286,30 +299,32 @@ def train(config, workdir) -> TrainState:
             writer.close()
         return state
     pending = None  # (first step, metrics on device) of the call in flight
-    calls = 0  # compiled train calls so far: every process checks for preemption after each
+    calls = 0  # compiled train calls so far
     last = time.perf_counter()
 
     def drain():
-        nonlocal pending, last
+        nonlocal pending
         if pending is not None:
             log(pending[0], jax.device_get(pending[1]), time.perf_counter() - last)
             pending = None
 
+    signals = preemption.Preemption()
     try:
-        with preemption.Preemption() as signals:
+        with signals:
             while True:
                 at_eval = step % config.eval_interval == 0 or step == config.max_iters
-                if at_eval and step != resumed:  # a resumed step was evaluated and saved already
+                if at_eval and step != evaluated:
                     drain()  # before evaluating, so logs stay in step order
-                    losses = run_eval(step)
+                    try:
+                        losses = run_eval(step)
+                    except _StopEval:
+                        stop(step)
                     ckpt.after_eval(state, losses, final=step == config.max_iters)
                     last = time.perf_counter()
                 if step >= config.max_iters:
                     break
-                if signals.reached(calls):  # all processes agree on this step
-                    drain()
-                    bar.set_postfix_str("saving a checkpoint")
-                    raise preemption.Preempted(step, signals.signum, ckpt.save_now(state))
+                if signals.requested():  # all processes agree on this step
+                    stop(step)
                 profiler.before_call(step, calls, state)
                 next_eval = (step // config.eval_interval + 1) * config.eval_interval
                 n = min(config.steps_per_call, next_eval - step, config.max_iters - step)
