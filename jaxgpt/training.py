@@ -238,6 +238,7 @@ def train(config, workdir) -> TrainState:
     mfu = progress.MFU(config, count_params(state.params, non_embedding=False),
                        s.mesh.devices.size)
     estimate = progress.CPUEstimate(config)
+    signals = preemption.Preemption()  # its handlers are installed around the training loop
     tokens_per_step = config.batch_size * config.gradient_accumulation_steps * config.block_size
 
     def run_eval(step):
@@ -286,9 +287,6 @@ def train(config, workdir) -> TrainState:
         raise preemption.Preempted(step, signals.signum, ckpt.save_now(state))
 
     step = int(state.step)
-    # a resumed step with a val loss was evaluated and saved already; one saved on preemption
-    # in the middle of its eval was not
-    evaluated = resumed if resumed in checkpoint.val_losses(ckpt.manager) else None
     bar = tqdm(total=config.max_iters, initial=step, disable=not main, dynamic_ncols=True)
     if config.eval_only:  # nanoGPT's eval_only: the first eval, then exit
         try:
@@ -308,7 +306,9 @@ def train(config, workdir) -> TrainState:
             log(pending[0], jax.device_get(pending[1]), time.perf_counter() - last)
             pending = None
 
-    signals = preemption.Preemption()
+    # a resumed step with a val loss was evaluated and saved already; one saved on preemption
+    # in the middle of its eval was not
+    evaluated = resumed if resumed in checkpoint.val_losses(ckpt.manager) else None
     try:
         with signals:
             while True:
