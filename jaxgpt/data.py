@@ -246,7 +246,7 @@ class DeviceBatches:
     def train_data(self, step: int, n: int):
         return self.splits["train"]
 
-    def eval_data(self, split: str, key):
+    def eval_data(self, split: str, keys):
         return self.splits[split]
 
     def _draw(self, data, key, shape):
@@ -331,9 +331,10 @@ class HostBatches:
         return tuple(parallel.put_process_local(np.stack(t), self.sharding, shape)
                      for t in zip(*items))  # (n, A, r, T) local -> (n, A, B, T) global
 
-    def eval_data(self, split: str, key):
-        """(x, y), each (E, B, T), E batches of one eval call: the windows come from the key."""
-        seed = (self.seed, 1, *np.asarray(jax.random.key_data(key)).tolist())
+    def eval_data(self, split: str, keys):
+        """(x, y), each (E, B, T), the E batches of one eval call: their windows come from the
+        call's first key."""
+        seed = (self.seed, 1, *np.asarray(jax.random.key_data(keys[0])).tolist())
         local = local_batch(self.splits[split], seed, 0, self.eval_shape, self.block_size,
                             self.eval_rows)
         return tuple(parallel.put_process_local(t, self.eval_sharding,

@@ -105,14 +105,13 @@ def eval_step(params, apply_fn, x, y):
     return cross_entropy(apply_fn({"params": params}, x, deterministic=True), y)
 
 
-def eval_loss(params, data, key, *, apply_fn, eval_batch, eval_iters: int):
-    """Mean loss over `eval_iters` batches in one compiled call (batch i: eval_batch(data, i,
-    key_i), the keys split from `key`); estimate_loss makes several such calls per split."""
+def eval_loss(params, data, keys, *, apply_fn, eval_batch):
+    """Mean loss over one batch per key in one compiled call (batch i: eval_batch(data, i,
+    keys[i])); estimate_loss makes several such calls per split."""
     def one_batch(_, inputs):
         return None, eval_step(params, apply_fn, *eval_batch(data, *inputs))
 
-    keys = jax.random.split(key, eval_iters)
-    _, losses = jax.lax.scan(one_batch, None, (jnp.arange(eval_iters), keys))  # (eval_iters,)
+    _, losses = jax.lax.scan(one_batch, None, (jnp.arange(len(keys)), keys))  # (len(keys),)
     return losses.mean()
 
 
@@ -125,7 +124,7 @@ class Setup(NamedTuple):
     state: TrainState
     batches: Any  # data.DeviceBatches | data.HostBatches
     train_call: Callable  # (state, data, num_steps=n) -> (state, metrics), state donated
-    evaluate: Callable  # (params, data, key) -> mean loss of eval_batches_per_call batches
+    evaluate: Callable  # (params, data, keys) -> mean loss, one batch per key
 
 
 def setup(config, *, dataset=None, mesh=None) -> Setup:
@@ -142,22 +141,23 @@ def setup(config, *, dataset=None, mesh=None) -> Setup:
                          static_argnames="num_steps", donate_argnums=0,
                          out_shardings=(shardings, None))
     evaluate = jax.jit(functools.partial(eval_loss, apply_fn=state.apply_fn,
-                                         eval_batch=batches.eval_batch,
-                                         eval_iters=data_lib.eval_batches_per_call(
-                                             config.eval_iters)))
+                                         eval_batch=batches.eval_batch))
     return Setup(dataset, model, mesh, state, batches, train_call, evaluate)
 
 
 def estimate_loss(s: Setup, params, key, on_call=None) -> dict:
     """{split: mean loss over eval_iters batches} (the lecture's estimate_loss), in calls of
     eval_batches_per_call batches; `on_call(done, total, seconds)` after each call."""
-    per_split = s.batches.eval_iters // data_lib.eval_batches_per_call(s.batches.eval_iters)
+    n = data_lib.eval_batches_per_call(s.batches.eval_iters)
+    per_split = s.batches.eval_iters // n
     losses = {}
     for i, split in enumerate(("train", "val")):
+        # every batch's key drawn at once: the calls see the batches one call would see
+        keys = jax.random.split(jax.random.fold_in(key, i), s.batches.eval_iters)
         total = 0.0
         for j in range(per_split):
-            k = jax.random.fold_in(jax.random.fold_in(key, i), j)
-            loss = s.evaluate(params, s.batches.eval_data(split, k), k)  # compiles on 1st call
+            chunk = keys[j * n:(j + 1) * n]  # (n,) this call's batches
+            loss = s.evaluate(params, s.batches.eval_data(split, chunk), chunk)  # 1st: compiles
             dispatched = time.perf_counter()
             total += float(loss)  # waits for the device
             if on_call is not None:  # progress; the call's run time, without its compilation
