@@ -24,6 +24,7 @@ from jaxgpt import config as config_lib
 from jaxgpt import tokenizer as tokenizers
 from jaxgpt.convert import from_hf_gpt2
 from jaxgpt.errors import UserError
+from jaxgpt.workdir import as_path, is_remote
 
 GPT2_MODELS = {  # name -> (n_layer, n_head, n_embd), as nanoGPT's from_pretrained
     "gpt2": (12, 12, 768),  # 124M params
@@ -97,7 +98,7 @@ def gpt2_directory(name: str, pretrained_dir: str = "") -> Path:
         return _download(name)
     except ImportError:
         reason = "huggingface_hub is not installed: pip install 'jaxgpt[hf]'"
-    except Exception as e:  # offline, refused, a proxy: the hub raises many types
+    except Exception as e:  # noqa: BLE001  offline, refused, a proxy: the hub raises many types
         reason = f"the download failed: {type(e).__name__}"
     raise UserError(f"init_from={name}: OpenAI's weights are not in the Hugging Face cache and "
                     f"{reason}; offline? {where}")
@@ -126,7 +127,7 @@ def _hf_source(directory: Path):
     return config, tokenizer, params
 
 
-def _workdir_source(workdir: Path):
+def _workdir_source(workdir):
     """(config, tokenizer, params, step) of the best checkpoint of a jaxgpt workdir."""
     from jaxgpt import checkpoint  # the checkpoint module imports the training stack
 
@@ -144,8 +145,8 @@ def source(init_from: str, pretrained_dir: str = ""):
     path = Path(init_from).expanduser()
     if _is_hf_dir(path):
         return (*_hf_source(path), 0)
-    if (path / "checkpoints").is_dir():
-        return _workdir_source(path)
+    if is_remote(init_from) or (path / "checkpoints").is_dir():  # gs://... : a workdir
+        return _workdir_source(as_path(init_from))
     raise UserError(f"init_from={init_from!r}: not auto, scratch, resume, "
                     f"{', '.join(GPT2_MODELS)}, a jaxgpt workdir (config.json + checkpoints/) "
                     "or a Hugging Face GPT-2 directory (config.json + model.safetensors)")
