@@ -1,11 +1,13 @@
-"""Sample from a trained jaxgpt workdir.
+"""Sample from a trained jaxgpt workdir, or from pretrained weights with no training at all.
 
   python sample.py --workdir runs/shakespeare [--start TEXT|FILE:path] [--num_samples N]
       [--max_new_tokens N] [--temperature T] [--top_k K] [--top_p P] [--seed S]
       [--slide K] [--checkpoint best|latest] [--quiet]
+  python sample.py --init_from gpt2-xl [...]     # or gpt2, gpt2-medium, gpt2-large, a PATH
 
 The workdir's config.json and tokenizer.json say which model and vocabulary; the checkpoint
-with the lowest val loss is used unless --checkpoint=latest.
+with the lowest val loss is used unless --checkpoint=latest. --init_from takes OpenAI's GPT-2
+by name (Hugging Face cache or download), a Hugging Face GPT-2 directory or a workdir.
 """
 
 import sys
@@ -18,6 +20,8 @@ from jaxgpt import cli
 from jaxgpt.errors import UserError
 
 flags.DEFINE_string("workdir", None, "A workdir written by train.py.")
+flags.DEFINE_string("init_from", None, "Instead of --workdir: gpt2, gpt2-medium, gpt2-large, "
+                    "gpt2-xl (OpenAI's weights), or a Hugging Face GPT-2 directory.")
 flags.DEFINE_string("start", "\n", "Prompt text, or FILE:path to read it from a file.")
 flags.DEFINE_integer("num_samples", 1, "Number of samples, drawn in parallel.")
 flags.DEFINE_integer("max_new_tokens", 500, "Tokens to generate per sample.")
@@ -30,7 +34,7 @@ flags.DEFINE_integer("slide", 1, "Past block_size, drop this many oldest tokens 
                      "nanoGPT's exact window; larger is faster (fewer recomputations).")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Lowest val loss, or the newest.")
 flags.DEFINE_bool("quiet", False, "Do not report token counts and timing on stderr.")
-flags.mark_flags_as_required(["workdir"])
+flags.mark_flags_as_mutual_exclusive(["workdir", "init_from"], required=True)
 FLAGS = flags.FLAGS
 
 
@@ -49,11 +53,14 @@ def run():
     import jax
     import numpy as np
 
-    from jaxgpt import checkpoint, sampling
+    from jaxgpt import checkpoint, pretrained, sampling
 
     if FLAGS.num_samples <= 0:
         raise UserError(f"--num_samples={FLAGS.num_samples}: must be a positive integer")
-    run = checkpoint.load_run(FLAGS.workdir, FLAGS.checkpoint)
+    if FLAGS.init_from:
+        run = pretrained.load(FLAGS.init_from)
+    else:
+        run = checkpoint.load_run(FLAGS.workdir, FLAGS.checkpoint)
     model, params, tokenizer = run.model, run.params, run.tokenizer
     # every check on the user's input before anything compiles
     sampling.check_settings(model.config.vocab_size, FLAGS.max_new_tokens, FLAGS.temperature,

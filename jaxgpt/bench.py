@@ -115,12 +115,13 @@ def bench_train(config, s: training.Setup, quick: bool, calls: int):
             paired.append(statistics.median(probe_s) / statistics.median(step_s))
     step = summary(times)
 
-    key = jax.random.PRNGKey(0)
-    val = s.batches.eval_data("val", key)
+    keys = jax.random.split(jax.random.PRNGKey(0),  # one eval call's batches
+                            data_lib.eval_batches_per_call(config.eval_iters))
+    val = s.batches.eval_data("val", keys)
     t = time.perf_counter()
-    eval_compiled = s.evaluate.lower(state.params, val, key).compile()
+    eval_compiled = s.evaluate.lower(state.params, val, keys).compile()
     eval_compile_s = time.perf_counter() - t
-    eval_times = timed(lambda: eval_compiled(state.params, val, key).block_until_ready(),
+    eval_times = timed(lambda: eval_compiled(state.params, val, keys).block_until_ready(),
                        1 if quick else 5)
 
     tokens = config.batch_size * config.gradient_accumulation_steps * config.block_size
@@ -153,7 +154,7 @@ def bench_train(config, s: training.Setup, quick: bool, calls: int):
         "mfu_paired": (statistics.median(fpt * tokens / (2 * probe_n**3) * r for r in paired)
                        if probe is not None else achieved / peak),
         "eval_compile_s": eval_compile_s,
-        "eval_ms": 1e3 * statistics.median(eval_times),  # one split, eval_iters batches
+        "eval_ms": 1e3 * statistics.median(eval_times),  # one eval call (of several per split)
         "peak_memory_bytes": stats.get("peak_bytes_in_use"),  # None where not reported (CPU)
         "compiled_temp_bytes": memory.temp_size_in_bytes if memory else None,
     }, state

@@ -245,6 +245,11 @@ def load_run(workdir, checkpoint: str | int = "best") -> Run:
     return Run(config, tokenizer, model, state.params, step)
 
 
+def _plain(value):
+    # a locked ConfigDict (train.py's --config) never equals an unlocked one with the same keys
+    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+
+
 def check_compatible(workdir, config, tokenizer) -> None:
     """UserError naming the keys when `config` cannot continue the workdir's checkpoints."""
     saved = load_config(workdir)
@@ -258,7 +263,7 @@ def check_compatible(workdir, config, tokenizer) -> None:
         raise UserError(f"cannot resume from {workdir}: the config differs from its checkpoint "
                         f"in {'; '.join(differ)}; use the same model config, or a new --workdir")
     changed = [k for k in config.keys() if k not in MODEL_KEYS and k != "init_from"
-               and saved.get(k) != config.get(k)]
+               and _plain(saved.get(k)) != _plain(config.get(k))]
     if changed:
         _warn(f"resuming with changed settings: {', '.join(changed)}")
 

@@ -10,7 +10,9 @@ from jaxgpt.errors import UserError
 from jaxgpt.model import GPTConfig
 
 MODELS = ("gpt", "bigram")
-INIT_FROM = ("auto", "scratch", "resume")  # auto: resume if WORKDIR has a checkpoint
+# this workdir's own checkpoints (auto: resume if WORKDIR has one); anything else names weights
+# to start from (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a path: see pretrained.py)
+INIT_FROM = ("auto", "scratch", "resume")
 PARAM_COUNTS = ("nanogpt", "all")
 
 
@@ -20,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = "shakespeare_char"
     c.data_path = ""  # a local UTF-8 text file instead of downloading (offline machines, CI)
     c.data_dir = ""  # where downloads / prepared tokens live ("" = ~/.cache/jaxgpt)
+    c.vocab_path = ""  # char datasets: a text whose characters join the vocabulary too
     # dataset=addition (the lecture's exercise 2, jaxgpt/addition.py): a+b=c of `digits`-digit
     # numbers, c written least significant digit first if `reverse`, `eval_problems` held out
     c.addition = ml_collections.ConfigDict({"digits": 2, "reverse": False, "eval_problems": 500})
@@ -69,7 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_interval = 1
     c.steps_per_call = 1  # optimizer steps per compiled call (lax.scan): no Python between them
     c.seed = 1337
-    c.init_from = "auto"  # scratch refuses a workdir with checkpoints; resume requires one
+    c.init_from = "auto"  # scratch refuses a workdir with checkpoints; resume requires one;
+    # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | PATH: start from those weights (finetuning)
+    c.pretrained_dir = ""  # OpenAI's GPT-2 weights on disk ("" = the Hugging Face cache)
+    c.eval_only = False  # evaluate the loaded model once (train and val loss), then stop
     c.always_save_checkpoint = True
     c.keep_best = 1
     c.profile_steps = 0  # > 0: a jax.profiler trace of that many steps after warm-up, in WORKDIR
@@ -93,8 +99,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     The model keys are checked by building the model's config (GPTConfig owns those checks).
     """
-    _one_of(config, "model", MODELS)
-    _one_of(config, "init_from", INIT_FROM)
+    _one_of(config, "model", MODELS)  # init_from: pretrained.source checks names and paths
     _one_of(config, "param_count", PARAM_COUNTS)
     try:
         GPTConfig.from_config(config, vocab_size=1)

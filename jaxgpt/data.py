@@ -3,7 +3,9 @@
 `shakespeare_char` reads `config.data_path` if set, else downloads tiny Shakespeare once into
 `config.data_dir` (default ~/.cache/jaxgpt). `char` is any UTF-8 text file, char-level. Both
 `data_path` and `data_dir` may be bucket URLs (gs://...): text is read through etils.epath, token
-files are copied once into the local cache.
+files are copied once into the local cache. `shakespeare` is tiny Shakespeare in GPT-2's BPE
+(nanoGPT's data/shakespeare: split 90/10 by characters, each part encoded; small enough to stay
+in memory, no token files).
 Any other dataset name (`openwebtext`, ...) is a directory of GPT-2 BPE token files
 (`train.bin`/`val.bin`, uint16, nanoGPT's format; `python -m jaxgpt.prepare` writes them),
 sampled on the host through np.memmap. `batches(...)` picks the batch source the train loop uses.
@@ -31,7 +33,8 @@ from jaxgpt.workdir import as_path, is_remote
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                    "tinyshakespeare/input.txt")
 TRAIN_FRACTION = 0.9  # first 90 % train, rest val (the lecture)
-CHAR_DATASETS = ("shakespeare_char", "char")  # anything else is a directory of BPE .bin files
+CHAR_DATASETS = ("shakespeare_char", "char")
+TEXT_DATASETS = (*CHAR_DATASETS, "shakespeare")  # anything else: a directory of BPE .bin files
 
 
 @dataclasses.dataclass
@@ -66,7 +69,7 @@ def read_text(config) -> str:
             raise UserError(f"config.data_path={config.data_path}: no such file; point "
                             "--config.data_path at a UTF-8 text file")
         return read_utf8(path)
-    if config.dataset != "shakespeare_char":
+    if config.dataset not in ("shakespeare_char", "shakespeare"):
         raise UserError(f"dataset {config.dataset!r} has no download: set "
                         "--config.data_path=/path/to/text.txt")
     path = cache_dir(config) / "shakespeare_char" / "input.txt"
@@ -94,23 +97,61 @@ def _download(url: str, path: Path) -> None:
     tmp.replace(path)  # never leave a half-written file where a good one is expected
 
 
-def load_dataset(config) -> Dataset:
-    """Tokenize the text and split it 90/10 (char-level datasets), or open prepared BPE bins."""
+def load_dataset(config, tokenizer=None) -> Dataset:
+    """Tokenize the text and split it 90/10 (text datasets), or open prepared BPE bins.
+
+    `tokenizer`: the vocabulary of weights the run starts from (pretrained.py), which the data
+    must be encoded with; by default the text's own characters (char datasets), GPT-2's BPE
+    (`shakespeare`), or the bins' meta.json.
+    """
     if config.dataset == "addition":  # the lecture's exercise 2: a+b=c problems
         from jaxgpt import addition
         return addition.load(config)
-    if config.dataset not in CHAR_DATASETS:
-        return load_bins(config)
+    if config.dataset not in TEXT_DATASETS:
+        return _check_tokenizer(load_bins(config), tokenizer, config)
     text = read_text(config)
-    tok = tokenizers.CharTokenizer.from_text(text)
-    data = np.array(tok.encode(text), dtype=np.int32)
-    n = int(TRAIN_FRACTION * len(data))
-    train, val = data[:n], data[n:]
+    bpe = config.dataset == "shakespeare"
+    tok = tokenizer or (tokenizers.BPETokenizer() if bpe else _char_tokenizer(config, text))
+    if (tok.kind == "char") == bpe:
+        raise UserError(f"dataset {config.dataset!r} is {'BPE' if bpe else 'character-level'} "
+                        f"but init_from={config.init_from}'s vocabulary is "
+                        f"{'characters' if bpe else 'GPT-2 BPE'}: pick a "
+                        f"{'character-level' if bpe else 'BPE'} dataset")
+    n = int(TRAIN_FRACTION * len(text))  # by characters, then encoded: nanoGPT's prepare.py
+    try:
+        train, val = (np.array(tok.encode(t), dtype=np.int32) for t in (text[:n], text[n:]))
+    except UserError as e:  # only another run's characters can miss some of this text's
+        raise UserError(f"{e}; or pretrain the run init_from names with "
+                        "--config.vocab_path=<this text>, so its vocabulary covers it") from None
     for name, split in (("train", train), ("val", val)):
         if len(split) <= config.block_size + 1:
             raise UserError(f"the {name} split has {len(split)} tokens, fewer than block_size+2="
                             f"{config.block_size + 2}: use more text or a smaller block_size")
     return Dataset(train=train, val=val, tokenizer=tok)
+
+
+def _char_tokenizer(config, text: str):
+    """The sorted characters of the text, and of `vocab_path` if given (a text to finetune on
+    later, so the two runs share one vocabulary)."""
+    if not config.vocab_path:
+        return tokenizers.CharTokenizer.from_text(text)
+    path = as_path(config.vocab_path)
+    if not path.is_file():
+        raise UserError(f"config.vocab_path={config.vocab_path}: no such file")
+    return tokenizers.CharTokenizer.from_text(text + read_utf8(path))
+
+
+def _check_tokenizer(dataset: Dataset, tokenizer, config) -> Dataset:
+    """BPE token files with the weights' vocabulary: the same kind and size, or an error."""
+    if tokenizer is None:
+        return dataset
+    if (tokenizer.kind, tokenizer.vocab_size) != (dataset.tokenizer.kind,
+                                                  dataset.tokenizer.vocab_size):
+        raise UserError(f"the token files of dataset {config.dataset!r} use a vocabulary of "
+                        f"{dataset.tokenizer.vocab_size} {dataset.tokenizer.kind} tokens, "
+                        f"init_from={config.init_from}'s weights one of {tokenizer.vocab_size} "
+                        f"{tokenizer.kind} tokens: prepare the data with the weights' vocabulary")
+    return dataclasses.replace(dataset, tokenizer=tokenizer)
 
 
 def get_batch(data: jax.Array, key: jax.Array, batch_size: int, block_size: int):
@@ -211,7 +252,7 @@ class DeviceBatches:
     def train_data(self, step: int, n: int):
         return self.splits["train"]
 
-    def eval_data(self, split: str, key):
+    def eval_data(self, split: str, keys):
         return self.splits[split]
 
     def _draw(self, data, key, shape):
@@ -296,9 +337,10 @@ class HostBatches:
         return tuple(parallel.put_process_local(np.stack(t), self.sharding, shape)
                      for t in zip(*items))  # (n, A, r, T) local -> (n, A, B, T) global
 
-    def eval_data(self, split: str, key):
-        """(x, y), each (E, B, T), E batches of one eval call: the windows come from the key."""
-        seed = (self.seed, 1, *np.asarray(jax.random.key_data(key)).tolist())
+    def eval_data(self, split: str, keys):
+        """(x, y), each (E, B, T), the E batches of one eval call: their windows come from the
+        call's first key."""
+        seed = (self.seed, 1, *np.asarray(jax.random.key_data(keys[0])).tolist())
         local = local_batch(self.splits[split], seed, 0, self.eval_shape, self.block_size,
                             self.eval_rows)
         return tuple(parallel.put_process_local(t, self.eval_sharding,

@@ -37,12 +37,14 @@ class Preempted(Exception):
 
 
 class Preemption:
-    """`reached(i)` after the i-th call of the loop (0, 1, 2, ... in every process): True once
-    the run should save and stop. Use as a context manager: the handlers are installed inside."""
+    """`requested()` after each compiled call (train or eval), at the same points in every
+    process: True once the run should save and stop, at the same call in all of them. Use as a
+    context manager: the signal handlers are installed inside."""
 
     def __init__(self):
         self.signum = None  # the signal that asked for the stop
         self.multi = jax.process_count() > 1
+        self.checks = 0  # the sync point's step index: equal across processes at each check
         self._saved_handlers = {}
 
     def __enter__(self):
@@ -71,10 +73,11 @@ class Preemption:
         if self.multi:
             os.kill(os.getpid(), signal.SIGTERM)  # to JAX's sync manager: every process stops
 
-    def reached(self, call_index: int) -> bool:
+    def requested(self) -> bool:
+        self.checks += 1
         if not self.multi:
             return self.signum is not None
-        if multihost_utils.reached_preemption_sync_point(call_index):
+        if multihost_utils.reached_preemption_sync_point(self.checks):
             self.signum = self.signum or signal.SIGTERM
             return True
         return False

@@ -20,7 +20,7 @@ from jaxgpt import checkpoint
 from jaxgpt import config as config_lib
 from jaxgpt import data as data_lib
 from jaxgpt import metrics as metrics_lib
-from jaxgpt import optim, parallel, preemption, profiling, progress
+from jaxgpt import optim, parallel, preemption, pretrained, profiling, progress
 from jaxgpt import workdir as workdir_lib
 from jaxgpt.errors import UserError
 from jaxgpt.model import count_params, make_model
@@ -108,14 +108,13 @@ def eval_step(params, apply_fn, x, y):
     return cross_entropy(apply_fn({"params": params}, x, deterministic=True), y)
 
 
-def eval_loss(params, data, key, *, apply_fn, eval_batch, eval_iters: int):
-    """Mean loss over `eval_iters` batches in one compiled call (batch i: eval_batch(data, i,
-    key_i), the keys split from `key`); estimate_loss makes several such calls per split."""
+def eval_loss(params, data, keys, *, apply_fn, eval_batch):
+    """Mean loss over one batch per key in one compiled call (batch i: eval_batch(data, i,
+    keys[i])); estimate_loss makes several such calls per split."""
     def one_batch(_, inputs):
         return None, eval_step(params, apply_fn, *eval_batch(data, *inputs))
 
-    keys = jax.random.split(key, eval_iters)
-    _, losses = jax.lax.scan(one_batch, None, (jnp.arange(eval_iters), keys))  # (eval_iters,)
+    _, losses = jax.lax.scan(one_batch, None, (jnp.arange(len(keys)), keys))  # (len(keys),)
     return losses.mean()
 
 
@@ -128,7 +127,7 @@ class Setup(NamedTuple):
     state: TrainState
     batches: Any  # data.DeviceBatches | data.HostBatches
     train_call: Callable  # (state, data, num_steps=n) -> (state, metrics), state donated
-    evaluate: Callable  # (params, data, key) -> mean loss of eval_batches_per_call batches
+    evaluate: Callable  # (params, data, keys) -> mean loss, one batch per key
 
 
 def setup(config, *, dataset=None, mesh=None) -> Setup:
@@ -145,26 +144,33 @@ def setup(config, *, dataset=None, mesh=None) -> Setup:
                          static_argnames="num_steps", donate_argnums=0,
                          out_shardings=(shardings, None))
     evaluate = jax.jit(functools.partial(eval_loss, apply_fn=state.apply_fn,
-                                         eval_batch=batches.eval_batch,
-                                         eval_iters=data_lib.eval_batches_per_call(
-                                             config.eval_iters)))
+                                         eval_batch=batches.eval_batch))
     return Setup(dataset, model, mesh, state, batches, train_call, evaluate)
 
 
 def estimate_loss(s: Setup, params, key, on_call=None) -> dict:
     """{split: mean loss over eval_iters batches} (the lecture's estimate_loss), in calls of
-    eval_batches_per_call batches; `on_call(done, total)` after each call (progress)."""
-    per_split = s.batches.eval_iters // data_lib.eval_batches_per_call(s.batches.eval_iters)
+    eval_batches_per_call batches; `on_call(done, total, seconds)` after each call."""
+    n = data_lib.eval_batches_per_call(s.batches.eval_iters)
+    per_split = s.batches.eval_iters // n
     losses = {}
     for i, split in enumerate(("train", "val")):
+        # every batch's key drawn at once: the calls see the batches one call would see
+        keys = jax.random.split(jax.random.fold_in(key, i), s.batches.eval_iters)
         total = 0.0
         for j in range(per_split):
-            k = jax.random.fold_in(jax.random.fold_in(key, i), j)
-            total += float(s.evaluate(params, s.batches.eval_data(split, k), k))
-            if on_call is not None:
-                on_call(i * per_split + j + 1, 2 * per_split)
+            chunk = keys[j * n:(j + 1) * n]  # (n,) this call's batches
+            loss = s.evaluate(params, s.batches.eval_data(split, chunk), chunk)  # 1st: compiles
+            dispatched = time.perf_counter()
+            total += float(loss)  # waits for the device
+            if on_call is not None:  # progress; the call's run time, without its compilation
+                on_call(i * per_split + j + 1, 2 * per_split, time.perf_counter() - dispatched)
         losses[split] = total / per_split
     return losses
+
+
+class _StopEval(Exception):
+    """A stop was requested in the middle of an eval."""
 
 
 def _check_finite(loss: float, step: int):
@@ -174,25 +180,58 @@ def _check_finite(loss: float, step: int):
                         "--config.dtype=float32 (no checkpoint was written for this state)")
 
 
+def from_weights(s: Setup, weights) -> TrainState:
+    """`s`'s fresh state holding the params of `weights` (a checkpoint.Run): step 0 and a fresh
+    optimizer state, as finetuning starts (nanoGPT's init_from='gpt2*')."""
+    params = jax.tree.map(lambda p, x: jax.device_put(jnp.asarray(p, x.dtype), x.sharding),
+                          weights.params, s.state.params)
+    return s.state.replace(params=params)
+
+
+def starting_point(config, workdir):
+    """(config, Setup, state, resumed step or None, checkpoints or None) of a run about to
+    train or evaluate: its own checkpoint if it has one (init_from auto / resume), else the
+    weights init_from names, else a fresh init. `config` has the model keys the weights fix.
+    eval_only reads checkpoints but never writes one."""
+    weights = None
+    if pretrained.is_weights(config.init_from):
+        weights = pretrained.load(config.init_from, config)
+        config = weights.config  # the weights fix the model's shape
+    tokenizer = weights.tokenizer if weights else None
+    s = setup(config, dataset=data_lib.load_dataset(config, tokenizer) if weights else None)
+    state = from_weights(s, weights) if weights else s.state
+    if config.eval_only:
+        has_checkpoint = (workdir / checkpoint.CHECKPOINT_DIR).is_dir()
+        if config.init_from == "resume" or (config.init_from == "auto" and has_checkpoint):
+            state, step = checkpoint.restore(workdir, checkpoint.abstract_like(state))
+            return config, s, state, step, None
+        return config, s, state, None, None
+    ckpt = checkpoint.RunCheckpoints(config, workdir)
+    state, resumed = ckpt.start(state, s.dataset.tokenizer)  # a finetune resumes its own run
+    return config, s, state, resumed, ckpt
+
+
 def train(config, workdir) -> TrainState:
     """The training loop: eval every eval_interval, log every log_interval, return the state.
 
     SIGTERM or Ctrl-C: the call in flight finishes, a checkpoint of that step is saved and
     preemption.Preempted is raised (train.py prints it and exits non-zero; the same command
     resumes). `workdir` is a directory or a URL (gs://...): every file goes through epath.
+    With config.eval_only: one evaluation of the loaded model (train and val loss), printed and
+    written to the metrics, and no checkpoint.
     """
     config_lib.validate(config)  # before any file is touched or anything compiles
     profiling.check(config)
     metrics_lib.check_wandb(config)
     workdir = workdir_lib.prepare(workdir)
-    s = setup(config)
+    config, s, state, resumed, ckpt = starting_point(config, workdir)
     main = parallel.is_main_process()
     say = tqdm.write if main else (lambda *a, **k: None)
 
-    ckpt = checkpoint.RunCheckpoints(config, workdir)
-    state, resumed = ckpt.start(s.state, s.dataset.tokenizer)  # resumed: restored step or None
     if resumed is not None:
         say(f"resuming from the checkpoint of step {resumed} in {workdir}")
+    elif pretrained.is_weights(config.init_from):
+        say(f"starting from the weights of {config.init_from} (step 0, a fresh optimizer)")
     devices = (f"(devices: {s.mesh.devices.size} {jax.devices()[0].platform}, "
                f"mesh {dict(s.mesh.shape)})")
     if config.param_count == "all":  # gpt.py: print(sum(p.numel() ...)/1e6, 'M parameters')
@@ -206,17 +245,16 @@ def train(config, workdir) -> TrainState:
     mfu = progress.MFU(config, count_params(state.params, non_embedding=False),
                        s.mesh.devices.size)
     estimate = progress.CPUEstimate(config)
+    signals = preemption.Preemption()  # its handlers are installed around the training loop
     tokens_per_step = config.batch_size * config.gradient_accumulation_steps * config.block_size
 
     def run_eval(step):
-        times = [time.perf_counter()]
-
-        def on_call(done, total):  # progress, and the CPU estimate from the 2nd call's pace
-            times.append(time.perf_counter())
+        def on_call(done, total, seconds):
             bar.set_postfix_str(f"evaluating {done}/{total}")
-            if done == 2:  # the first call also compiled
-                per_batch = (times[2] - times[1]) / (config.eval_iters * 2 / total)
-                warn(estimate.after_eval_batches(per_batch, step))
+            if done == 1:
+                warn(estimate.after_eval_batches(seconds * total / (2 * config.eval_iters), step))
+            if signals.requested():  # stop without finishing the eval
+                raise _StopEval
 
         losses = estimate_loss(s, state.params, jax.random.fold_in(eval_key, step), on_call)
         # a task's own measure (addition: exact-match accuracy on held-out problems)
@@ -252,29 +290,49 @@ def train(config, workdir) -> TrainState:
             shown["mfu"] = f"{100 * util:.1f}%"
         bar.set_postfix(shown)
 
+    def stop(step):
+        """Preempted: log the call in flight, save this step, wait for the write, raise."""
+        drain()
+        bar.set_postfix_str("saving a checkpoint")
+        raise preemption.Preempted(step, signals.signum, ckpt.save_now(state))
+
     # nanoGPT evaluates after the last step (at max_iters); the lecture's loop at iter
     # max_iters - 1, before its step, and not after it
     last_eval = config.max_iters - 1 if config.eval_before_last_step else config.max_iters
     step = int(state.step)
     bar = tqdm(total=config.max_iters, initial=step, disable=not main, dynamic_ncols=True)
+    if config.eval_only:  # nanoGPT's eval_only: the first eval, then exit
+        try:
+            run_eval(step)
+        finally:
+            bar.close()
+            s.batches.close()
+            writer.close()
+        return state
     pending = None  # (first step, metrics on device) of the call in flight
-    calls = 0  # compiled train calls so far: every process checks for preemption after each
+    calls = 0  # compiled train calls so far
     last = time.perf_counter()
 
     def drain():
-        nonlocal pending, last
+        nonlocal pending
         if pending is not None:
             log(pending[0], jax.device_get(pending[1]), time.perf_counter() - last)
             pending = None
 
+    # a resumed step with a val loss was evaluated and saved already; one saved on preemption
+    # in the middle of its eval was not
+    evaluated = resumed if resumed in checkpoint.val_losses(ckpt.manager) else None
     try:
-        with preemption.Preemption() as signals:
+        with signals:
             while True:
                 at_eval = ((step % config.eval_interval == 0 and step < last_eval)
                            or step == last_eval)
-                if at_eval and step != resumed:  # a resumed step was evaluated and saved already
+                if at_eval and step != evaluated:
                     drain()  # before evaluating, so logs stay in step order
-                    losses = run_eval(step)
+                    try:
+                        losses = run_eval(step)
+                    except _StopEval:
+                        stop(step)
                     ckpt.after_eval(state, losses, final=step == last_eval)
                     last = time.perf_counter()
                 if step >= config.max_iters:
@@ -282,10 +340,8 @@ def train(config, workdir) -> TrainState:
                         drain()
                         ckpt.save_now(state)  # no val loss: the latest, never the "best"
                     break
-                if signals.reached(calls):  # all processes agree on this step
-                    drain()
-                    bar.set_postfix_str("saving a checkpoint")
-                    raise preemption.Preempted(step, signals.signum, ckpt.save_now(state))
+                if signals.requested():  # all processes agree on this step
+                    stop(step)
                 profiler.before_call(step, calls, state)
                 next_eval = (step // config.eval_interval + 1) * config.eval_interval
                 if step < last_eval:

@@ -30,6 +30,7 @@ def test_train_resume_sample_on_gcs(gcs, text_file):
     second = run(cli_args(text_file, WORKDIR, max_iters=30, eval_interval=10, steps_per_call=5))
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resuming from the checkpoint of step 20 in {WORKDIR}" in second.stdout
+    assert "resuming with changed settings: max_iters\n" in second.stderr  # only that one
     events = [json.loads(line) for line in epath.Path(f"{WORKDIR}/metrics.jsonl").open()]
     evals = [e["step"] for e in events if e["event"] == "eval"]
     assert evals == [0, 10, 20, 30]  # both runs' lines, each once

@@ -16,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from jaxgpt import checkpoint
+import pytest
+
+from jaxgpt import checkpoint, preemption, training
 from tests.conftest import tiny
 from tests.test_parallel import _free_port
 
@@ -147,3 +149,33 @@ def test_two_processes_sigterm_to_one_both_stop_at_the_same_step(tmp_path, text_
     (step,) = steps
     assert 3 <= step < MAX_ITERS
     assert checkpoint.make_manager(workdir, read_only=True).latest_step() == step
+
+
+def test_a_stop_during_an_eval_resumes_with_that_eval(tmp_path, text_file, monkeypatch):
+    """SIGTERM while step 10 is evaluated (in-process): the eval stops between its calls, step 10
+    is saved without a val loss, and the resumed run evaluates step 10 first, then goes on as
+    a run never stopped."""
+    config = tiny(text_file, max_iters=20, eval_interval=10, eval_iters=20)  # 2 calls a split
+    training.train(config, tmp_path / "straight")
+
+    real, evals = training.estimate_loss, []
+
+    def signalled(s, params, key, on_call=None):
+        evals.append(key)
+
+        def on_call_then_signal(done, total, seconds):
+            if len(evals) == 2 and done == 1:  # step 10's eval, after its first call
+                os.kill(os.getpid(), signal.SIGTERM)
+            on_call(done, total, seconds)
+
+        return real(s, params, key, on_call_then_signal)
+
+    monkeypatch.setattr(training, "estimate_loss", signalled)
+    with pytest.raises(preemption.Preempted) as stopped:
+        training.train(config, tmp_path / "run")
+    assert (stopped.value.step, stopped.value.saved) == (10, True)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert checkpoint.val_losses(tmp_path / "run") == {}  # step 10 has no val loss
+    monkeypatch.undo()
+    training.train(config, tmp_path / "run")
+    assert_same_events(events(tmp_path / "run"), events(tmp_path / "straight"))
