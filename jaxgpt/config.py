@@ -89,9 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 def lr_decay_iters(config) -> int:
     """Where the cosine reaches min_lr: `lr_decay_iters` if a recipe or flag sets it, else
-    max_iters (nanoGPT: "should be ~= max_iters"), so --config.max_iters=N alone stays coherent
-    (a run shorter than the warmup never reaches the decay, wherever it is put)."""
-    return config.lr_decay_iters or max(config.max_iters, config.warmup_iters + 1)
+    max_iters (nanoGPT: "should be ~= max_iters"), so --config.max_iters=N alone stays coherent."""
+    return config.lr_decay_iters or config.max_iters
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -111,9 +110,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise UserError(f"config.{key}={config[key]}: must be a positive integer")
     if config.learning_rate <= 0 or config.min_lr < 0:
         raise UserError("config.learning_rate must be > 0 and config.min_lr >= 0")
-    if config.decay_lr and lr_decay_iters(config) <= config.warmup_iters:
-        raise UserError(f"config.lr_decay_iters={lr_decay_iters(config)} must exceed "
-                        f"config.warmup_iters={config.warmup_iters} (or set decay_lr=False)")
     if config.grad_clip < 0 or config.weight_decay < 0:
         raise UserError("config.grad_clip and config.weight_decay must be >= 0")
 

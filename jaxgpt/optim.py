@@ -12,10 +12,13 @@ def lr_schedule(config) -> optax.Schedule:
     lr = config.learning_rate
     if not config.decay_lr:
         return optax.constant_schedule(lr)
-    warmup = config.warmup_iters
+    warmup, decay_iters = config.warmup_iters, lr_decay_iters(config)
+    if decay_iters <= warmup:  # nanoGPT: past the warmup, past lr_decay_iters too: min_lr
+        return optax.join_schedules([optax.linear_schedule(lr / (warmup + 1), lr, warmup),
+                                     optax.constant_schedule(config.min_lr)], [warmup])
     return optax.warmup_cosine_decay_schedule(
         init_value=lr / (warmup + 1), peak_value=lr, warmup_steps=warmup,
-        decay_steps=lr_decay_iters(config), end_value=config.min_lr)
+        decay_steps=decay_iters, end_value=config.min_lr)
 
 
 def decay_mask(params):

@@ -33,6 +33,16 @@ def test_schedule_matches_nanogpt(it):
     assert float(lr_schedule(c)(it)) == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.parametrize("it", [0, 1, 29, 30, 31, 49, 50, 51, 200])
+def test_schedule_decaying_before_the_warmup_ends_is_nanogpts(it):
+    """lr_decay_iters <= warmup_iters (a short run, max_iters below the warmup): nanoGPT warms
+    up, then is past lr_decay_iters: min_lr."""
+    c = base_config()
+    c.update(learning_rate=1e-3, warmup_iters=50, lr_decay_iters=30, min_lr=1e-4)
+    want = nanogpt_get_lr(it, 1e-3, 50, 30, 1e-4)
+    assert float(lr_schedule(c)(it)) == pytest.approx(want, rel=1e-5)
+
+
 def test_schedule_hand_values():
     c = base_config()
     c.update(learning_rate=1e-3, warmup_iters=100, lr_decay_iters=5000, min_lr=1e-4)
