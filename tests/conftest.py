@@ -62,7 +62,7 @@ def byte_encoding():
 @pytest.fixture(scope="session")
 def gcs(tmp_path_factory):
     """A local GCS emulator with the bucket `test-bucket`, the clients pointed at it through
-    their environment variables (kept for the session; subprocesses inherit them)."""
+    their environment variables (kept for the whole test run; subprocesses inherit them)."""
     from tests.gcs_emulator import Emulator
 
     emulator = Emulator(tmp_path_factory.mktemp("gcs") / "server.log")
