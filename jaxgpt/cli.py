@@ -1,4 +1,5 @@
-"""What train.py, sample.py and bench.py share: flag parsing and one-line errors."""
+"""What every entry point (train.py, sample.py, python -m jaxgpt.*) shares: flag parsing and
+one-line errors."""
 
 import sys
 
@@ -22,14 +23,17 @@ def _one_line(e: Exception) -> str:
 def parse_flags(argv, positional=()):
     """absl's parser, with ml_collections override errors (a misspelled --config.KEY, a value
     of the wrong type) turned into one line instead of a traceback; exactly the `positional`
-    arguments (names, for the message) besides the flags."""
+    arguments (names, for the message) besides the flags, or at least as many where the last
+    name ends in "..." (one or more of it: ("WORKDIR...",))."""
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:
         _fail(str(e))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         _fail(f"bad --config override: {_one_line(e)}")
-    if len(rest) - 1 != len(positional):
+    given = len(rest) - 1
+    more = bool(positional) and positional[-1].endswith("...")
+    if given < len(positional) if more else given != len(positional):
         expected = f"expected {' '.join(positional)}" if positional else "unexpected arguments"
         _fail(f"{expected} (got: {' '.join(rest[1:]) or 'none'})")
     return rest

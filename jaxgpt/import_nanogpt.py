@@ -11,19 +11,24 @@ char-level datasets) if given, else GPT-2's BPE. Reading ckpt.pt needs torch (th
 extra); nothing else does.
 """
 
-import argparse
 import pickle
-import sys
 from pathlib import Path
 
 import jax
 import optax
+from absl import flags
 
-from jaxgpt import checkpoint
+from jaxgpt import checkpoint, cli, parallel
 from jaxgpt import config as config_lib
 from jaxgpt import tokenizer as tokenizers
 from jaxgpt.convert import from_nanogpt
 from jaxgpt.errors import UserError
+from jaxgpt.model import WEIGHT_KEYS, make_model
+from jaxgpt.step import create_train_state
+from jaxgpt.workdir import as_path
+
+flags.DEFINE_string("meta", None, "nanoGPT's data/DATASET/meta.pkl for a char-level run "
+                    "(default: GPT-2's BPE).")
 
 # nanoGPT's train.py settings that are not jaxgpt's to take over: where and how it ran
 NOT_CARRIED = {"init_from", "dtype", "eval_only"}
@@ -41,7 +46,7 @@ def read_ckpt(path) -> dict:
                         "(the CPU wheel is enough)") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, ...
+    except Exception as e:  # noqa: BLE001  not a torch file, truncated, ...
         raise UserError(f"{path} cannot be read as a torch checkpoint "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
 
@@ -62,10 +67,10 @@ def run_config(ckpt: dict, gpt_config):
     shape from the weights."""
     config = config_lib.base_config()
     for key, value in ckpt.get("config", {}).items():
-        if key in config and key not in NOT_CARRIED and key not in checkpoint.MODEL_KEYS and \
+        if key in config and key not in NOT_CARRIED and key not in WEIGHT_KEYS and \
                 isinstance(value, type(config[key])):
             config[key] = value
-    for key in checkpoint.MODEL_KEYS:
+    for key in WEIGHT_KEYS:
         if hasattr(gpt_config, key):
             config[key] = getattr(gpt_config, key)
     config.model = "gpt"
@@ -113,10 +118,6 @@ def with_adam_state(opt_state, step: int, moments, model_args):
 
 def import_run(ckpt: dict, workdir, tokenizer=None) -> int:
     """Write nanoGPT's checkpoint dict as a jaxgpt workdir; returns the step it holds."""
-    from jaxgpt import parallel
-    from jaxgpt.model import make_model
-    from jaxgpt.training import create_train_state
-
     missing = [k for k in ("model", "model_args") if k not in ckpt]
     if missing:
         raise UserError(f"not a nanoGPT checkpoint: it has no {', '.join(missing)}")
@@ -126,7 +127,7 @@ def import_run(ckpt: dict, workdir, tokenizer=None) -> int:
         raise UserError(f"the vocabulary has {tokenizer.vocab_size} tokens but the model only "
                         f"{gpt_config.vocab_size}: pass the run's own --meta")
     config = run_config(ckpt, gpt_config)
-    workdir = Path(workdir)
+    workdir = as_path(workdir)  # a local directory or gs://bucket/run
     if (workdir / checkpoint.CHECKPOINT_DIR).exists():
         raise UserError(f"{workdir} already holds checkpoints: import into a new directory")
     moments = adam_moments(ckpt)
@@ -152,24 +153,14 @@ def jax_tree_like(params: dict, like):
     return jax.tree.map(lambda p, x: jax.device_put(p.astype(x.dtype), x.sharding), params, like)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jaxgpt.import_nanogpt",
-                                     description="Turn nanoGPT's ckpt.pt into a jaxgpt workdir.")
-    parser.add_argument("ckpt", help="nanoGPT's OUT_DIR/ckpt.pt")
-    parser.add_argument("workdir", help="a new jaxgpt workdir")
-    parser.add_argument("--meta", help="nanoGPT's data/DATASET/meta.pkl for a char-level run "
-                        "(default: GPT-2's BPE)")
-    args = parser.parse_args(argv)
-    try:
-        tokenizer = read_meta(args.meta) if args.meta else None
-        step = import_run(read_ckpt(args.ckpt), args.workdir, tokenizer)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"{args.workdir}: nanoGPT's step {step}, params and AdamW state; sample with "
-          f"python sample.py --workdir {args.workdir}, continue with python train.py "
-          f"--config ... --workdir {args.workdir}")
+def main(argv):
+    ckpt_path, workdir = argv[1:]
+    tokenizer = read_meta(flags.FLAGS.meta) if flags.FLAGS.meta else None
+    step = import_run(read_ckpt(ckpt_path), workdir, tokenizer)
+    print(f"{workdir}: nanoGPT's step {step}, params and AdamW state; sample with "
+          f"python sample.py --workdir {workdir}, continue with python train.py "
+          f"--config ... --workdir {workdir}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, positional=("CKPT", "WORKDIR"))

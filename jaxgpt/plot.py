@@ -3,16 +3,21 @@
     python -m jaxgpt.plot WORKDIR [WORKDIR ...] [--out PNG]
 
 Several workdirs are overlaid, one colour each, labelled by their directory name. The PNG goes
-to `loss.png` in the first workdir unless `--out` names another path. Needs matplotlib
-(`pip install -e ".[plot]"`).
+to `loss.png` in the first workdir unless `--out` names another path. A workdir or `--out` may be
+a cloud URL (gs://bucket/run). Needs matplotlib (`pip install -e ".[plot]"`).
 """
 
-import argparse
+import io
 import json
-import sys
-from pathlib import Path
 
+from absl import flags
+from etils import epath
+
+from jaxgpt import cli
 from jaxgpt.errors import UserError
+from jaxgpt.workdir import as_path
+
+flags.DEFINE_string("out", None, "The PNG to write (default: loss.png in the first WORKDIR).")
 
 
 def read_metrics(workdir) -> dict:
@@ -21,7 +26,7 @@ def read_metrics(workdir) -> dict:
     eval: step, train_loss, val_loss, lr (every eval_interval); train: step, loss, lr (every
     log_interval). A resumed run repeats no step, so the lists are in step order as written.
     """
-    path = Path(workdir) / "metrics.jsonl"
+    path = as_path(workdir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: no such file; pass the --workdir of a train.py run")
     fields = {"eval": ("step", "train_loss", "val_loss", "lr"), "train": ("step", "loss", "lr")}
@@ -44,7 +49,7 @@ def read_metrics(workdir) -> dict:
 
 def _labels(workdirs) -> list[str]:
     """The directory names, or the whole paths where two runs share a name."""
-    names = [Path(w).resolve().name for w in workdirs]
+    names = [as_path(w).name for w in workdirs]
     return names if len(set(names)) == len(names) else [str(w) for w in workdirs]
 
 
@@ -54,7 +59,12 @@ def figure(workdirs, labels=None):
     Per-step training loss is drawn thin and faint; the eval's train loss dashed and its val
     loss solid, with markers.
     """
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("matplotlib"):
+            raise
+        raise UserError('plotting needs matplotlib: pip install -e ".[plot]"') from None
 
     runs = [read_metrics(w) for w in workdirs]  # read all first: a bad path fails before drawing
     labels = labels or _labels(workdirs)
@@ -83,31 +93,20 @@ def figure(workdirs, labels=None):
     return fig
 
 
-def save(workdirs, out=None, dpi: int = 80) -> Path:
+def save(workdirs, out=None, dpi: int = 80) -> epath.Path:
     """Draw `workdirs` and write the PNG (default: loss.png in the first workdir)."""
-    out = Path(out) if out else Path(workdirs[0]) / "loss.png"
+    out = as_path(out) if out else as_path(workdirs[0]) / "loss.png"
     fig = figure(workdirs)
+    png = io.BytesIO()  # matplotlib writes local files only: the bytes go through epath
+    fig.savefig(png, format="png", dpi=dpi)  # a pyplot-free Figure saves through Agg
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)  # a pyplot-free Figure saves through the Agg canvas
+    out.write_bytes(png.getvalue())
     return out
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jaxgpt.plot", description=__doc__.split("\n")[0])
-    parser.add_argument("workdirs", nargs="+", metavar="WORKDIR")
-    parser.add_argument("--out", help="the PNG to write (default: WORKDIR/loss.png, first one)")
-    args = parser.parse_args(argv)
-    try:
-        print(save(args.workdirs, args.out))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("matplotlib"):
-            raise
-        print('error: plotting needs matplotlib: pip install -e ".[plot]"', file=sys.stderr)
-        sys.exit(1)
+def main(argv):
+    print(save(argv[1:], flags.FLAGS.out))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, positional=("WORKDIR...",))

@@ -3,9 +3,11 @@ settings and step carried over, clear errors.
 
 torch is not installed for the tests (its PyPI wheel is large): `read_ckpt` is exercised with a
 stand-in `torch` module whose `load` unpickles the checkpoint dict written by the test (numpy
-arrays where nanoGPT has tensors); everything after the read is the real path.
+arrays where nanoGPT has tensors), in sys.modules in-process and as a torch.py on PYTHONPATH for
+the command; everything after the read is the real path.
 """
 
+import os
 import pickle
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt import checkpoint, import_nanogpt
+from jaxgpt import checkpoint, import_nanogpt, pretrained
 from jaxgpt.errors import UserError
 from tests.test_convert import ARGS, IDX, nanogpt_forward, random_state_dict
 
@@ -68,19 +70,47 @@ def fake_torch(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", torch)
 
 
+FAKE_TORCH = """import pickle
+
+
+def load(path, **kw):
+    with open(path, "rb") as f:
+        return pickle.load(f)
+"""
+
+
+def run_import(tmp_path, *args):
+    """`python -m jaxgpt.import_nanogpt ARGS` as a user types it, with the stand-in torch."""
+    fake = tmp_path / "fake_torch"
+    fake.mkdir(exist_ok=True)
+    (fake / "torch.py").write_text(FAKE_TORCH)
+    path = os.pathsep.join(filter(None, [str(fake), os.environ.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "jaxgpt.import_nanogpt", *map(str, args)],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": path},
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(r, match):
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert match in r.stderr and "Traceback" not in r.stderr
+
+
 def write_meta(path):
     meta = {"vocab_size": len(CHARS), "itos": dict(enumerate(CHARS)),
             "stoi": {c: i for i, c in enumerate(CHARS)}}
     path.write_bytes(pickle.dumps(meta))
 
 
-def test_imported_workdir_computes_nanogpts_function(tmp_path, fake_torch):
+def test_imported_workdir_computes_nanogpts_function(tmp_path):
     ckpt = nanogpt_ckpt()
     (tmp_path / "ckpt.pt").write_bytes(pickle.dumps(ckpt))
     write_meta(tmp_path / "meta.pkl")
-    import_nanogpt.main([str(tmp_path / "ckpt.pt"), str(tmp_path / "run"),
-                         "--meta", str(tmp_path / "meta.pkl")])
-    run = checkpoint.load_run(tmp_path / "run", "latest")
+    r = run_import(tmp_path, tmp_path / "ckpt.pt", tmp_path / "run",
+                   "--meta", tmp_path / "meta.pkl")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{tmp_path / 'run'}: nanoGPT's step 250")
+    run = pretrained.load_run(tmp_path / "run", "latest")
     assert run.step == 250 and run.tokenizer.chars == CHARS
     assert run.config.learning_rate == 2e-3 and run.config.batch_size == 4  # carried over
     assert run.config.init_from == "auto" and run.config.dtype == "auto"  # not carried
@@ -94,11 +124,11 @@ def test_adamw_state_and_step_carry_over(tmp_path):
     import optax
 
     from jaxgpt import parallel
-    from jaxgpt.training import create_train_state
+    from jaxgpt.step import create_train_state
 
     ckpt = nanogpt_ckpt()
     import_nanogpt.import_run(ckpt, tmp_path / "run", import_nanogpt.read_meta(_meta(tmp_path)))
-    run = checkpoint.load_run(tmp_path / "run", "latest")
+    run = pretrained.load_run(tmp_path / "run", "latest")
     fresh = create_train_state(run.config, run.model, parallel.one_device_mesh())
     state, step = checkpoint.restore(tmp_path / "run", checkpoint.abstract_like(fresh))
     assert step == int(state.step) == 250
@@ -148,3 +178,13 @@ def test_errors_are_one_line(tmp_path, fake_torch, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
     with pytest.raises(UserError, match=r"pip install 'jaxgpt\[torch\]'"):
         import_nanogpt.read_ckpt(tmp_path / "junk.pt")
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    assert_one_line_error(run_import(tmp_path, tmp_path / "none.pt", tmp_path / "run"),
+                          "no such file")
+    assert_one_line_error(run_import(tmp_path, tmp_path / "none.pt"), "expected CKPT WORKDIR")
+    (tmp_path / "bad.pkl").write_bytes(b"junk")
+    assert_one_line_error(run_import(tmp_path, tmp_path / "none.pt", tmp_path / "run",
+                                     "--meta", tmp_path / "bad.pkl"), "not nanoGPT's meta.pkl")
+    assert not (tmp_path / "run").exists()

@@ -1,9 +1,15 @@
-"""jaxgpt.plot: the curves drawn are the numbers in metrics.jsonl; the CLI writes a real PNG."""
+"""jaxgpt.plot: the curves drawn are the numbers in metrics.jsonl; the CLI writes a real PNG;
+workdirs are read through etils.epath (a local path or gs://)."""
 
+import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from etils import epath
 
 pytest.importorskip("matplotlib")
 from matplotlib.image import imread
@@ -12,6 +18,20 @@ from jaxgpt import plot
 from jaxgpt.errors import UserError
 from jaxgpt.training import train
 from tests.conftest import tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_plot(*args):
+    """`python -m jaxgpt.plot ARGS` as a user types it."""
+    return subprocess.run([sys.executable, "-m", "jaxgpt.plot", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(r):
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def write_metrics(workdir, seed):
@@ -58,18 +78,26 @@ def test_figure_draws_the_files_numbers_one_colour_per_run(tmp_path):
     assert {t.get_text() for t in ax_loss.get_legend().get_texts()} == set(loss)
 
 
-def test_cli_writes_a_png_into_the_first_workdir(tmp_path, capsys):
+def test_cli_writes_a_png_into_the_first_workdir(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     write_metrics(a, 0), write_metrics(b, 1)
-    plot.main([str(a), str(b)])
+    r = run_plot(a, b)
+    assert r.returncode == 0, r.stderr
     out = a / "loss.png"
-    assert capsys.readouterr().out.strip() == str(out)
+    assert r.stdout.strip() == str(out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = imread(out)  # decodes: a real image, not just a header
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert image[..., :3].std() > 0  # something drawn on it
-    plot.main([str(a), "--out", str(tmp_path / "pics" / "x.png")])
+    r = run_plot(a, "--out", tmp_path / "pics" / "x.png")
+    assert r.returncode == 0, r.stderr
     assert imread(tmp_path / "pics" / "x.png").shape == image.shape
+
+
+def test_cli_needs_a_workdir():
+    r = run_plot()
+    assert_one_line_error(r)
+    assert "expected WORKDIR..." in r.stderr
 
 
 def test_plots_a_real_training_run(tmp_path, text_file):
@@ -84,14 +112,40 @@ def test_plots_a_real_training_run(tmp_path, text_file):
 
 
 @pytest.mark.parametrize("content", [None, "", "\n"])
-def test_missing_or_empty_metrics_is_one_line(tmp_path, capsys, content):
+def test_missing_or_empty_metrics_is_one_line(tmp_path, content):
     if content is not None:
         (tmp_path / "metrics.jsonl").write_text(content)
     with pytest.raises(UserError, match="metrics.jsonl"):
         plot.read_metrics(tmp_path)
-    with pytest.raises(SystemExit) as exit_:
-        plot.main([str(tmp_path)])
-    assert exit_.value.code == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1
+    r = run_plot(tmp_path)
+    assert_one_line_error(r)
+    assert "metrics.jsonl" in r.stderr
     assert not (tmp_path / "loss.png").exists()
+
+
+def test_missing_matplotlib_is_a_user_error(tmp_path, monkeypatch):
+    write_metrics(tmp_path, 0)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import -> ModuleNotFoundError
+    with pytest.raises(UserError, match=r"needs matplotlib: pip install"):
+        plot.figure([tmp_path])
+
+
+def test_workdir_as_str_or_epath(tmp_path):
+    ev, _ = write_metrics(tmp_path / "run", 0)
+    for workdir in (str(tmp_path / "run"), epath.Path(tmp_path / "run")):
+        assert plot.read_metrics(workdir)["eval"]["val_loss"] == ev["val_loss"]
+    out = plot.save([epath.Path(tmp_path / "run")])
+    assert isinstance(out, epath.Path) and out == epath.Path(tmp_path / "run" / "loss.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reads_and_writes_a_gcs_workdir(gcs):
+    workdir = epath.Path("gs://test-bucket/plot/run")
+    ev, _ = write_metrics(workdir, 0)
+    assert plot.read_metrics("gs://test-bucket/plot/run")["eval"]["val_loss"] == ev["val_loss"]
+    out = plot.save(["gs://test-bucket/plot/run"])
+    assert str(out) == "gs://test-bucket/plot/run/loss.png"
+    assert "plot/run/loss.png" in gcs.objects("plot/")
+    image = imread(io.BytesIO(out.read_bytes()))
+    assert image.ndim == 3 and image[..., :3].std() > 0
+    assert not Path("gs:").exists()  # nothing went to a local directory named gs:
