@@ -53,14 +53,14 @@ def run():
     import jax
     import numpy as np
 
-    from jaxgpt import checkpoint, pretrained, sampling
+    from jaxgpt import pretrained, sampling
 
     if FLAGS.num_samples <= 0:
         raise UserError(f"--num_samples={FLAGS.num_samples}: must be a positive integer")
     if FLAGS.init_from:
         run = pretrained.load(FLAGS.init_from)
     else:
-        run = checkpoint.load_run(FLAGS.workdir, FLAGS.checkpoint)
+        run = pretrained.load_run(FLAGS.workdir, FLAGS.checkpoint)
     model, params, tokenizer = run.model, run.params, run.tokenizer
     # every check on the user's input before anything compiles
     sampling.check_settings(model.config.vocab_size, FLAGS.max_new_tokens, FLAGS.temperature,

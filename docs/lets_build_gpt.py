@@ -59,7 +59,7 @@ import numpy as np
 import optax
 from absl import logging as absl_logging
 
-from jaxgpt import checkpoint, data, model, plot, sampling, training
+from jaxgpt import batches, model, plot, pretrained, sampling, training
 from jaxgpt.tokenizer import CharTokenizer
 
 absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's informational warnings
@@ -133,7 +133,7 @@ train_data, val_data = data_all[:n], data_all[n:]
 print(len(train_data), len(val_data))
 
 # %% [markdown]
-# *In jaxgpt:* `tokenizer.CharTokenizer`, `data.load_dataset` (the 90/10 split). *Tests:*
+# *In jaxgpt:* `tokenizer.CharTokenizer`, `datasets.load` (the 90/10 split). *Tests:*
 # `test_data.py::test_char_tokenizer_round_trip`, `test_data.py::test_split_is_90_10_in_order`,
 # `test_shakespeare.py::test_the_lectures_dataset_figures` (1,115,394 characters, 65 distinct).
 #
@@ -156,13 +156,13 @@ for t in range(block_size):
 # function takes a key, and the same key gives the same numbers. A training loop derives the
 # key of step `s` from one root key with `jax.random.fold_in(root, s)` — so step 1234's batch
 # is the same whether or not steps 0..1233 ran in this process (which is how a resumed run
-# continues the same stream). `data.get_batch` is the lecture's `get_batch` as a pure function
+# continues the same stream). `batches.get_batch` is the lecture's `get_batch` as a pure function
 # of (data, key), so it can run inside a compiled step.
 
 # %%
 batch_size = 4  # how many independent sequences will we process in parallel?
 root = jax.random.PRNGKey(1337)  # PyTorch: torch.manual_seed(1337)
-xb, yb = data.get_batch(train_data, jax.random.fold_in(root, 0), batch_size, block_size)
+xb, yb = batches.get_batch(train_data, jax.random.fold_in(root, 0), batch_size, block_size)
 print("inputs:", xb.shape, "\n", xb)
 print("targets:", yb.shape, "\n", yb)
 for b in range(batch_size):  # batch dimension
@@ -171,7 +171,7 @@ for b in range(batch_size):  # batch dimension
     break  # the first row is enough to see the pattern
 
 # %% [markdown]
-# *In jaxgpt:* `data.get_batch`. *Test:* `test_data.py::test_get_batch_windows_are_shifted_by_one`.
+# *In jaxgpt:* `batches.get_batch`. *Test:* `test_data.py::test_get_batch_windows_are_shifted_by_one`.
 #
 # ## The bigram model
 #
@@ -246,7 +246,7 @@ opt_state = optimizer.init(params)
 
 @jax.jit
 def train_step(params, opt_state, rng):
-    xb, yb = data.get_batch(train_data, rng, 32, block_size)  # sample a batch of data
+    xb, yb = batches.get_batch(train_data, rng, 32, block_size)  # sample a batch of data
     loss, grads = jax.value_and_grad(loss_fn)(params, xb, yb)  # loss.backward()
     updates, opt_state = optimizer.update(grads, opt_state, params)  # optimizer.step()
     return optax.apply_updates(params, updates), opt_state, loss
@@ -616,7 +616,7 @@ print(drop.apply({}, ones, deterministic=True))  # evaluation: the identity
 gpt_cfg = model.GPTConfig(vocab_size=vocab_size, block_size=64, n_layer=4, n_head=4,
                           n_embd=128, bias=False)
 gpt = model.GPT(gpt_cfg)
-xb, yb = data.get_batch(train_data, jax.random.fold_in(root, 1), 12, gpt_cfg.block_size)
+xb, yb = batches.get_batch(train_data, jax.random.fold_in(root, 1), 12, gpt_cfg.block_size)
 gpt_params = jax.jit(gpt.init)(jax.random.PRNGKey(0), xb)["params"]
 print(jax.tree.map(jnp.shape, {k: v for k, v in gpt_params.items() if k in ("wte", "wpe", "h_0")}))
 n_params = sum(p.size for p in jax.tree.leaves(gpt_params))
@@ -680,7 +680,7 @@ Image(filename=str(plot.save([workdir])))
 # %% [markdown]
 # ## Sampling
 #
-# `checkpoint.load_run(workdir)` loads what a trained workdir holds — config, tokenizer, model
+# `pretrained.load_run(workdir)` loads what a trained workdir holds — config, tokenizer, model
 # and params (the checkpoint with the best val loss) — in one call; `sample.py` uses it too.
 # `sampling.generate` is the lecture's `generate`, compiled: the prompt goes through the model
 # once into a fixed-shape key/value cache, then a `jax.lax.scan` produces one token per step,
@@ -689,7 +689,7 @@ Image(filename=str(plot.save([workdir])))
 # at temperature 1.0; `sample.py` defaults to 0.8, a little more conservative.
 
 # %%
-run = checkpoint.load_run(workdir)
+run = pretrained.load_run(workdir)
 print(f"step {run.step}, {type(run.model).__name__}, vocab {run.tokenizer.vocab_size}")
 idx = jnp.zeros((1, 1), dtype=jnp.int32)  # start from a newline, as the lecture
 out = sampling.generate(run.model, run.params, idx, 500, rng=jax.random.PRNGKey(1337),
@@ -698,7 +698,7 @@ print(run.tokenizer.decode(out[0].tolist()))
 
 # %% [markdown]
 # *In jaxgpt:* `sampling.generate`; the lecture's loop (one full forward per token) is
-# `bench.generate_naive`, the reference it is tested and timed against. *Tests:*
+# `sampling.generate_uncached`, the reference it is tested and timed against. *Tests:*
 # `test_sampling.py::test_cached_greedy_equals_naive`,
 # `test_sampling.py::test_cached_logits_equal_full_forward`,
 # `test_sampling.py::test_one_compilation_for_any_prompt_length_and_new_tokens`.
@@ -715,7 +715,7 @@ if TRAIN_LECTURE:
     lecture_config.data_path = str(DATA_PATH)
     lecture_dir = Path("runs") / "lecture"
     training.train(lecture_config, lecture_dir)
-    lecture_run = checkpoint.load_run(lecture_dir)
+    lecture_run = pretrained.load_run(lecture_dir)
     out = sampling.generate(lecture_run.model, lecture_run.params, idx, 500,
                             rng=jax.random.PRNGKey(1337))
     print(lecture_run.tokenizer.decode(out[0].tolist()))

@@ -7,20 +7,24 @@ x = seq[:-1] and learns y = seq[1:], with the targets over `a+b=` set to -1, whi
 ignores: only c is predicted (the problem itself is random, nothing to learn).
 
 The problems are split once (from the run's seed): `eval_problems` of them are held out, never
-trained on. `AdditionBatches` draws problems on the device like data.DeviceBatches draws text
-windows, so the same compiled train step serves both; `accuracy` decodes c greedily with
+trained on. `draw` picks problems on the device where batches.DeviceBatches draws text windows,
+so the same compiled train step serves both; `accuracy` decodes c greedily with
 jaxgpt.sampling for every held-out problem, reported at each eval.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt import parallel, sampling
+from jaxgpt import sampling
+from jaxgpt.data import Dataset
 from jaxgpt.errors import UserError
 from jaxgpt.tokenizer import CharTokenizer
 
 CHARS = "0123456789+="  # token id of digit d is d
+TOKENIZER = CharTokenizer(CHARS)
 PLUS, EQUALS = 10, 11
 MAX_DIGITS = 3  # 10**6 problems: their ids fit in a 4 MB array
 
@@ -61,38 +65,11 @@ def inputs_targets(seq, n_digits: int):
     return x, y
 
 
-class AdditionBatches:
-    """The batch source of the addition task (data.batches uses it): (A, B, L-1) problems per
-    step drawn uniformly from the training problems on the device; eval batches from the
-    held-out ones."""
-
-    def __init__(self, dataset, config, mesh):
-        self.splits = {"train": parallel.put_replicated(dataset.train, mesh),
-                       "val": parallel.put_replicated(dataset.val, mesh)}
-        self.accum, self.batch_size = config.gradient_accumulation_steps, config.batch_size
-        self.digits, self.reverse = config.addition.digits, config.addition.reverse
-        self.mesh, self.eval_iters = mesh, config.eval_iters
-
-    def train_data(self, step: int, n: int):
-        return self.splits["train"]
-
-    def eval_data(self, split: str, key):
-        return self.splits[split]
-
-    def _draw(self, ids, key, shape):
-        pick = jax.random.randint(key, shape, 0, ids.shape[0])  # (*shape,)
-        x, y = inputs_targets(encode(ids[pick], self.digits, self.reverse), self.digits)
-        sharding = parallel.batch_sharding(self.mesh, leading=len(shape) - 1)
-        return tuple(jax.lax.with_sharding_constraint(t, sharding) for t in (x, y))
-
-    def train_batch(self, data, i, key):
-        return self._draw(data, key, (self.accum, self.batch_size))  # (A, B, L-1) each
-
-    def eval_batch(self, data, i, key):
-        return self._draw(data, key, (self.batch_size,))  # (B, L-1) each
-
-    def close(self):
-        pass
+def draw(ids, key, n: int, n_digits: int, reverse: bool):
+    """n problems drawn uniformly from `ids` on the device -> x, y (n, L-1): the task's
+    examples for batches.DeviceBatches (Dataset.draw), traced inside the compiled call."""
+    pick = jax.random.randint(key, (n,), 0, ids.shape[0])  # (n,)
+    return inputs_targets(encode(ids[pick], n_digits, reverse), n_digits)  # (n, L-1) each
 
 
 def accuracy(model, params, ids, n_digits: int, reverse: bool) -> float:
@@ -106,12 +83,15 @@ def accuracy(model, params, ids, n_digits: int, reverse: bool) -> float:
     return float(np.mean(np.all(got == want, axis=1)))
 
 
-def load(config):
-    """The task as a data.Dataset: problem ids per split, the 12-character tokenizer, the batch
-    source and the accuracy evaluation."""
-    from jaxgpt.data import Dataset  # data.py dispatches here
-
+def load(config, tokenizer=None) -> Dataset:
+    """The task as a data.Dataset: problem ids per split, the 12-character tokenizer, how to
+    draw examples and the accuracy evaluation. `tokenizer` (weights to start from) must be the
+    task's own."""
     a = config.addition
+    if tokenizer is not None and tokenizer.to_dict() != TOKENIZER.to_dict():
+        raise UserError(f"dataset=addition needs the vocabulary {CHARS!r}, but "
+                        f"init_from={config.init_from}'s weights have another: start from a "
+                        "run trained on the addition task, or from scratch")
     if not 1 <= a.digits <= MAX_DIGITS:
         raise UserError(f"config.addition.digits={a.digits}: must be between 1 and "
                         f"{MAX_DIGITS}")
@@ -127,5 +107,5 @@ def load(config):
     def evaluate(model, params):
         return {"accuracy": accuracy(model, params, val, a.digits, a.reverse)}
 
-    return Dataset(train=train, val=val, tokenizer=CharTokenizer(CHARS),
-                   batch_source=AdditionBatches, evaluate=evaluate)
+    return Dataset(train=train, val=val, tokenizer=TOKENIZER, evaluate=evaluate,
+                   draw=functools.partial(draw, n_digits=a.digits, reverse=a.reverse))

@@ -27,10 +27,10 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from jaxgpt import batches, cli, sampling, training
 from jaxgpt import data as data_lib
-from jaxgpt import cli, sampling, training
 from jaxgpt.flops import PEAK_TFLOPS, datasheet_peak, flops_per_token  # noqa: F401
-from jaxgpt.model import count_params
+from jaxgpt.model import GPTConfig, count_params
 from jaxgpt.tokenizer import CharTokenizer
 
 flags.DEFINE_string("json", None, "Also write the figures as JSON to this path.")
@@ -116,7 +116,7 @@ def bench_train(config, s: training.Setup, quick: bool, calls: int):
     step = summary(times)
 
     keys = jax.random.split(jax.random.PRNGKey(0),  # one eval call's batches
-                            data_lib.eval_batches_per_call(config.eval_iters))
+                            batches.eval_batches_per_call(config.eval_iters))
     val = s.batches.eval_data("val", keys)
     t = time.perf_counter()
     eval_compiled = s.evaluate.lower(state.params, val, keys).compile()
@@ -189,9 +189,8 @@ def run(config, quick: bool = False, calls: int = 20, only: str = "all") -> dict
         "device_count": jax.device_count(),
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
-        "config": {k: config[k] for k in ("batch_size", "block_size", "n_layer", "n_head",
-                                          "n_embd", "dropout", "dtype", "activation",
-                                          "attention_impl", "gradient_accumulation_steps")},
+        "config": {k: config[k] for k in ("model", *GPTConfig.keys(), "batch_size",
+                                          "gradient_accumulation_steps", "steps_per_call")},
         "quick": quick,
         "cpu_count": os.cpu_count(),
         "load_avg_1m": [load_before, os.getloadavg()[0]],  # before and after the training part
@@ -211,7 +210,8 @@ def time_generate(model, params, *, batch_size=1, prompt_len=1, max_new_tokens=5
     """Time one sampling run (after a warm-up run that compiles): tokens/s, seconds, compile
     seconds. `naive` times the full-recompute loop instead (compile = its warm-up run)."""
     idx = jnp.zeros((batch_size, prompt_len), jnp.int32)
-    run = functools.partial(generate_naive if naive else sampling.generate, model, params, idx,
+    run = functools.partial(sampling.generate_uncached if naive else sampling.generate, model,
+                            params, idx,
                             max_new_tokens, rng=jax.random.PRNGKey(seed),
                             **({} if naive else {"slide": slide}))
     start = time.perf_counter()
@@ -225,60 +225,6 @@ def time_generate(model, params, *, batch_size=1, prompt_len=1, max_new_tokens=5
     seconds = time.perf_counter() - start
     return {"tokens_per_sec": batch_size * max_new_tokens / seconds, "seconds": seconds,
             "compile_seconds": compile_s}
-
-
-@functools.lru_cache(maxsize=8)
-def _forward(model):
-    return jax.jit(lambda params, idx: model.apply({"params": params}, idx))
-
-
-def generate_naive(model, params, idx, max_new_tokens, *, rng, temperature=1.0, top_k=None,
-                   top_p=None):
-    """nanoGPT's generate: a Python loop of full forwards over the last block_size tokens.
-
-    The forward is jitted on contexts padded to a power of two (log2(block_size) compilations,
-    cost growing with the context as nanoGPT's), and tokens use the same keys as `generate`:
-    the reference the cached sampler is tested and timed against.
-    """
-    cfg = model.config
-    sampling.check_settings(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p)
-    idx = jnp.asarray(idx, jnp.int32)
-    settings = sampling.as_settings(temperature, top_k, top_p)
-    forward = _forward(model)
-    for i in range(max_new_tokens):
-        context = idx[:, -cfg.block_size:]  # (B, t)
-        t = context.shape[1]
-        padded = min(cfg.block_size, 1 << (t - 1).bit_length())
-        context = jnp.pad(context, ((0, 0), (0, padded - t)))  # (B, padded)
-        logits = forward(params, context)[:, t - 1]  # (B, V)
-        tok = sampling.sample_token(logits, jax.random.fold_in(rng, i), settings)  # (B,)
-        idx = jnp.concatenate([idx, tok[:, None]], axis=1)  # (B, T + i + 1)
-    return idx
-
-
-# ---------------------------------------------------------------------------------------------
-# A low-noise loss: every window of a split, not eval_iters random batches
-
-
-def heldout_loss(model, params, tokens, block_size: int, batch_size: int = 64) -> float:
-    """Mean next-token loss over every non-overlapping block_size window of `tokens` (a whole
-    split: for tiny Shakespeare's val split at block 64, 1742 windows, each token once), so two
-    models compare without the sampling noise of estimate_loss's random batches."""
-    tokens = np.asarray(tokens, np.int32)
-    n = (len(tokens) - 1) // block_size  # windows of block_size inputs + their targets
-    x = tokens[:n * block_size].reshape(n, block_size)  # (n, T)
-    y = tokens[1:n * block_size + 1].reshape(n, block_size)  # (n, T)
-    step = _eval_batch(model)
-    total = 0.0
-    for i in range(0, n, batch_size):  # the last, smaller batch compiles once more
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]  # (b, T)
-        total += float(step(params, xb, yb)) * len(xb)  # each window weighs the same
-    return total / n
-
-
-@functools.lru_cache(maxsize=8)
-def _eval_batch(model):
-    return jax.jit(lambda params, x, y: training.eval_step(params, model.apply, x, y))
 
 
 def format_table(r: dict) -> str:

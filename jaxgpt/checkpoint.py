@@ -1,5 +1,6 @@
-"""Checkpoints: an orbax CheckpointManager in WORKDIR/checkpoints, and the run's config and
-tokenizer as JSON beside it, so a workdir is everything sample.py needs.
+"""Checkpoint storage: an orbax CheckpointManager in WORKDIR/checkpoints, and the run's config
+and tokenizer as JSON beside it, so a workdir is everything sample.py needs (loading a trained
+workdir as a model to sample: pretrained.load_run).
 
 Layout:  WORKDIR/config.json  WORKDIR/tokenizer.json  WORKDIR/checkpoints/<step>/...
 
@@ -12,7 +13,6 @@ that, so a crash mid-write never destroys the last good checkpoint.
 import json
 import math
 import sys
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,15 +26,12 @@ from jaxgpt import config as config_lib
 from jaxgpt import parallel
 from jaxgpt import tokenizer as tokenizers
 from jaxgpt.errors import UserError
-from jaxgpt.model import make_model
+from jaxgpt.model import WEIGHT_KEYS
 from jaxgpt.workdir import as_path, is_remote
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
-# keys that shape the params or the optimizer state: a resume must keep them
-MODEL_KEYS = ("model", "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias",
-              "attention", "tie_weights", "lm_head_bias", "position")
 STATE_FIELDS = ("step", "params", "opt_state", "rng")
 
 
@@ -155,7 +152,7 @@ def val_losses(workdir_or_manager) -> dict:
     for step in manager.all_steps():
         try:
             losses[step] = float(_val_loss(manager.metrics(step)))
-        except Exception:  # missing or damaged metrics: restore() reports a damaged step
+        except Exception:  # noqa: BLE001  missing or damaged metrics: restore() reports it
             continue
     return losses
 
@@ -208,43 +205,6 @@ def load_tokenizer(workdir):
     return tokenizers.load(as_path(workdir) / TOKENIZER_FILE)
 
 
-class Run(NamedTuple):
-    """A trained model, ready to sample or evaluate (what `load_run` returns)."""
-
-    config: ml_collections.ConfigDict
-    tokenizer: Any  # tokenizer.CharTokenizer | tokenizer.BPETokenizer
-    model: Any  # model.GPT | model.BigramLanguageModel
-    params: Any
-    step: int
-
-
-def load_run(workdir, checkpoint: str | int = "best") -> Run:
-    """A trained workdir in one call: its config, tokenizer, model and the params of the
-    checkpoint with the lowest val loss ("best"), the newest ("latest") or a given step.
-
-        run = load_run("runs/shakespeare_cpu")
-        logits = run.model.apply({"params": run.params}, idx)
-    """
-    from jaxgpt.training import create_train_state  # training imports this module
-
-    if not as_path(workdir).is_dir():  # a local directory or gs://bucket/run
-        raise UserError(f"{workdir}: no such directory; pass a workdir written by train.py")
-    config = load_config(workdir)
-    tokenizer = load_tokenizer(workdir)
-    model = make_model(config, tokenizer.vocab_size)
-    # the checkpoint's shapes, on one device (nothing is initialised for real)
-    mesh = parallel.one_device_mesh()
-    abstract = jax.eval_shape(lambda: create_train_state(config, model, mesh))
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            abstract, parallel.state_sharding(abstract, mesh))
-    if checkpoint == "best":
-        step = best_step(workdir)  # None if no metrics can be read: then the latest
-    else:
-        step = None if checkpoint == "latest" else int(checkpoint)
-    state, step = restore(workdir, abstract, step)
-    return Run(config, tokenizer, model, state.params, step)
-
-
 def _plain(value):
     # a locked ConfigDict (train.py's --config) never equals an unlocked one with the same keys
     return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
@@ -253,7 +213,7 @@ def _plain(value):
 def check_compatible(workdir, config, tokenizer) -> None:
     """UserError naming the keys when `config` cannot continue the workdir's checkpoints."""
     saved = load_config(workdir)
-    differ = [f"{k} ({saved[k]!r} -> {config[k]!r})" for k in MODEL_KEYS
+    differ = [f"{k} ({saved[k]!r} -> {config[k]!r})" for k in WEIGHT_KEYS
               if saved.get(k) != config.get(k)]
     if (saved.grad_clip > 0) != (config.grad_clip > 0):  # clipping adds an optimizer state
         differ.append(f"grad_clip ({saved.grad_clip} -> {config.grad_clip})")
@@ -262,7 +222,7 @@ def check_compatible(workdir, config, tokenizer) -> None:
     if differ:
         raise UserError(f"cannot resume from {workdir}: the config differs from its checkpoint "
                         f"in {'; '.join(differ)}; use the same model config, or a new --workdir")
-    changed = [k for k in config.keys() if k not in MODEL_KEYS and k != "init_from"
+    changed = [k for k in config.keys() if k not in WEIGHT_KEYS and k != "init_from"
                and _plain(saved.get(k)) != _plain(config.get(k))]
     if changed:
         _warn(f"resuming with changed settings: {', '.join(changed)}")

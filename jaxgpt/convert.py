@@ -21,7 +21,7 @@ from jaxgpt.errors import UserError
 from jaxgpt.model import GPTConfig, fuse_heads
 
 _PREFIX = "_orig_mod."  # torch.compile's wrapper prefixes every key of a compiled model
-_MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+_MODEL_ARGS = GPTConfig.keys("nanogpt")  # nanoGPT's GPTConfig: the keys of its model_args
 
 
 def _numpy(value) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Datasets: text -> tokens -> train/val arrays, and the lecture's random-window batch sampler.
+"""Datasets: text -> tokens -> train/val arrays (the lecture's 90/10 split), or token files.
 
 `shakespeare_char` reads `config.data_path` if set, else downloads tiny Shakespeare once into
 `config.data_dir` (default ~/.cache/jaxgpt). `char` is any UTF-8 text file, char-level. Both
@@ -8,21 +8,18 @@ files are copied once into the local cache. `shakespeare` is tiny Shakespeare in
 in memory, no token files).
 Any other dataset name (`openwebtext`, ...) is a directory of GPT-2 BPE token files
 (`train.bin`/`val.bin`, uint16, nanoGPT's format; `python -m jaxgpt.prepare` writes them),
-sampled on the host through np.memmap. `batches(...)` picks the batch source the train loop uses.
+sampled on the host through np.memmap. batches.py turns a Dataset into batches; datasets.py
+finds a dataset's loader by name.
 """
 
 import dataclasses
 import json
 import os
 import shutil
-import threading
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from queue import Full, Queue
-from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt import parallel
@@ -42,9 +39,13 @@ class Dataset:
     train: np.ndarray  # (N_train,) token ids
     val: np.ndarray  # (N_val,) token ids
     tokenizer: object
-    on_host: bool = False  # np.memmap token files: sampled on the host, not put on the device
-    batch_source: Any = None  # a task's own batch source class (addition.py); None: text
-    evaluate: Any = None  # (model, params) -> {name: value}, reported at every eval (a task's)
+    # np.memmap token files: sampled on the host, not put on the device
+    on_host: bool = False
+    # a task's examples: draw(data, key, n) -> x, y (n, T), traced in the compiled call
+    # (addition.py); None: the lecture's random text windows (batches.get_batch)
+    draw: Callable | None = None
+    # a task's own measure, reported at every eval: (model, params) -> {name: value}
+    evaluate: Callable | None = None
 
 
 def _data_dir(config) -> str:
@@ -97,18 +98,13 @@ def _download(url: str, path: Path) -> None:
     tmp.replace(path)  # never leave a half-written file where a good one is expected
 
 
-def load_dataset(config, tokenizer=None) -> Dataset:
-    """Tokenize the text and split it 90/10 (text datasets), or open prepared BPE bins.
+def load_text(config, tokenizer=None) -> Dataset:
+    """Tokenize the text and split it 90/10 (by characters, then encoded: nanoGPT's prepare.py).
 
     `tokenizer`: the vocabulary of weights the run starts from (pretrained.py), which the data
-    must be encoded with; by default the text's own characters (char datasets), GPT-2's BPE
-    (`shakespeare`), or the bins' meta.json.
+    must be encoded with; by default the text's own characters (char datasets) or GPT-2's BPE
+    (`shakespeare`).
     """
-    if config.dataset == "addition":  # the lecture's exercise 2: a+b=c problems
-        from jaxgpt import addition
-        return addition.load(config)
-    if config.dataset not in TEXT_DATASETS:
-        return _check_tokenizer(load_bins(config), tokenizer, config)
     text = read_text(config)
     bpe = config.dataset == "shakespeare"
     tok = tokenizer or (tokenizers.BPETokenizer() if bpe else _char_tokenizer(config, text))
@@ -154,23 +150,10 @@ def _check_tokenizer(dataset: Dataset, tokenizer, config) -> Dataset:
     return dataclasses.replace(dataset, tokenizer=tokenizer)
 
 
-def get_batch(data: jax.Array, key: jax.Array, batch_size: int, block_size: int):
-    """B random windows of T+1 tokens: x = w[:, :-1], y = w[:, 1:] (the lecture's get_batch).
-
-    Pure and jittable, so the batch can be drawn inside the compiled train step.
-    """
-    ix = jax.random.randint(key, (batch_size,), 0, data.shape[0] - block_size)  # (B,)
-    window = jax.vmap(lambda i: jax.lax.dynamic_slice(data, (i,), (block_size + 1,)))(ix)
-    window = window.astype(jnp.int32)  # (B, T+1)
-    return window[:, :-1], window[:, 1:]  # (B, T), (B, T)
-
-
 # ---------------------------------------------------------------------------------------------
 # GPT-2 BPE token files (nanoGPT's format, written by jaxgpt/prepare.py), read by np.memmap
 
 BIN_DTYPE = np.uint16  # GPT-2's 50257 ids fit; nanoGPT's data/openwebtext/prepare.py writes this
-
-
 BIN_FILES = ("train.bin", "val.bin", "meta.json")
 
 
@@ -203,8 +186,9 @@ def _mirror(src, dst: Path) -> None:
         tmp.replace(dst / name)  # never a half-copied file under the real name
 
 
-def load_bins(config) -> Dataset:
-    """Open train.bin / val.bin as read-only memmaps: nothing is read until a batch is drawn."""
+def load_bins(config, tokenizer=None) -> Dataset:
+    """Open train.bin / val.bin as read-only memmaps: nothing is read until a batch is drawn.
+    `tokenizer` (the weights' a run starts from) must match the bins' meta.json."""
     d = bin_dir(config)
     if not (d / "train.bin").is_file() or not (d / "val.bin").is_file():
         raise UserError(f"config.dataset={config.dataset!r}: no train.bin/val.bin in {d}; "
@@ -222,146 +206,5 @@ def load_bins(config) -> Dataset:
         if len(split) <= config.block_size + 1:
             raise UserError(f"{d / name}.bin has {len(split)} tokens, fewer than block_size+2="
                             f"{config.block_size + 2}: use more text or a smaller block_size")
-    return Dataset(train=train, val=val, tokenizer=tok, on_host=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Batch sources. Both feed the same compiled multi-step train call (training.train_steps): the
-# call takes `train_data(step, n)` as an argument and `train_batch(data, i, key)` gives step i's
-# (x, y), each (A, B, T) = (gradient accumulation, batch, block). The step never knows where its
-# batch came from.
-
-
-def eval_batches_per_call(eval_iters: int) -> int:
-    """An eval runs as several compiled calls of this many batches (the largest divisor of
-    eval_iters up to 10), so the loop can show its progress and time it early."""
-    return max(d for d in range(1, min(eval_iters, 10) + 1) if eval_iters % d == 0)
-
-
-class DeviceBatches:
-    """Small datasets (a character-level text): both splits replicated on every device, each
-    batch drawn inside the compiled call from the step's key, with no host work between steps."""
-
-    def __init__(self, dataset: Dataset, config, mesh):
-        self.splits = {"train": parallel.put_replicated(dataset.train, mesh),
-                       "val": parallel.put_replicated(dataset.val, mesh)}
-        self.accum, self.batch_size = config.gradient_accumulation_steps, config.batch_size
-        self.block_size, self.mesh = config.block_size, mesh
-        self.eval_iters = config.eval_iters
-
-    def train_data(self, step: int, n: int):
-        return self.splits["train"]
-
-    def eval_data(self, split: str, keys):
-        return self.splits[split]
-
-    def _draw(self, data, key, shape):
-        x, y = get_batch(data, key, int(np.prod(shape)), self.block_size)  # (A*B, T)
-        sharding = parallel.batch_sharding(self.mesh, leading=len(shape) - 1)
-        return tuple(jax.lax.with_sharding_constraint(t.reshape(*shape, self.block_size),
-                                                      sharding) for t in (x, y))
-
-    def train_batch(self, data, i, key):
-        return self._draw(data, key, (self.accum, self.batch_size))  # (A, B, T) each
-
-    def eval_batch(self, data, i, key):
-        return self._draw(data, key, (self.batch_size,))  # (B, T) each
-
-    def close(self):
-        pass
-
-
-def local_batch(data: np.ndarray, seed, step: int, shape, block_size: int, rows: np.ndarray):
-    """Rows `rows` (of the last axis of `shape`) of the global batch of `step`: x, y (..., r, T).
-
-    The window offsets of the whole global batch come from (seed, step) alone, so every process
-    agrees on them and a run with any number of processes sees the same batches.
-    """
-    rng = np.random.default_rng([*np.atleast_1d(seed), step])
-    offsets = rng.integers(0, len(data) - block_size, size=tuple(shape))[..., rows]  # (..., r)
-    window = data[offsets[..., None] + np.arange(block_size + 1)].astype(np.int32)  # (..., r, T+1)
-    return window[..., :-1], window[..., 1:]  # (..., r, T), (..., r, T)
-
-
-class HostBatches:
-    """Token files (np.memmap) too large for the device: batches sampled on the host, a thread
-    `prefetch` steps ahead of the device; each process reads only its rows of the global batch
-    and `make_array_from_process_local_data` assembles it."""
-
-    def __init__(self, dataset: Dataset, config, mesh, prefetch: int = 4):
-        self.splits = {"train": dataset.train, "val": dataset.val}
-        self.seed, self.block_size = config.seed, config.block_size
-        self.shape = (config.gradient_accumulation_steps, config.batch_size)  # (A, B)
-        self.eval_iters = config.eval_iters
-        self.eval_shape = (eval_batches_per_call(config.eval_iters), config.batch_size)
-        self.sharding = parallel.batch_sharding(mesh, leading=2)  # (n, A, B, T): B split
-        self.rows = parallel.local_rows(self.sharding, (1, *self.shape, 1), axis=2)
-        self.eval_sharding = parallel.batch_sharding(mesh, leading=1)  # (E, B, T)
-        self.eval_rows = parallel.local_rows(self.eval_sharding, (*self.eval_shape, 1), axis=1)
-        self.prefetch = prefetch
-        self.thread, self.next_step = None, None
-
-    def _produce(self, step, queue, stop):
-        while not stop.is_set():
-            try:
-                item = local_batch(self.splits["train"], (self.seed, 0), step, self.shape,
-                                   self.block_size, self.rows)
-            except Exception as e:  # surfaces in train_data(), in the training thread
-                item = e
-            while not stop.is_set():
-                try:
-                    queue.put(item, timeout=0.1)
-                    break
-                except Full:
-                    pass
-            step += 1
-
-    def _restart(self, step):
-        self.close()
-        self.queue, self.stop = Queue(maxsize=self.prefetch), threading.Event()
-        self.thread = threading.Thread(target=self._produce, args=(step, self.queue, self.stop),
-                                       daemon=True)
-        self.thread.start()
-        self.next_step = step
-
-    def train_data(self, step: int, n: int):
-        """(x, y) for steps step..step+n-1, each a global (n, A, B, T) int32 array."""
-        if self.thread is None or step != self.next_step:  # first call, or a resumed run
-            self._restart(step)
-        items = [self.queue.get() for _ in range(n)]
-        for item in items:
-            if isinstance(item, Exception):
-                raise item
-        self.next_step = step + n
-        shape = (n, *self.shape, self.block_size)
-        return tuple(parallel.put_process_local(np.stack(t), self.sharding, shape)
-                     for t in zip(*items))  # (n, A, r, T) local -> (n, A, B, T) global
-
-    def eval_data(self, split: str, keys):
-        """(x, y), each (E, B, T), the E batches of one eval call: their windows come from the
-        call's first key."""
-        seed = (self.seed, 1, *np.asarray(jax.random.key_data(keys[0])).tolist())
-        local = local_batch(self.splits[split], seed, 0, self.eval_shape, self.block_size,
-                            self.eval_rows)
-        return tuple(parallel.put_process_local(t, self.eval_sharding,
-                                                (*self.eval_shape, self.block_size))
-                     for t in local)
-
-    def train_batch(self, data, i, key):
-        return data[0][i], data[1][i]  # (A, B, T) each
-
-    eval_batch = train_batch  # (B, T) each
-
-    def close(self):
-        """Stop the prefetch thread (the loop calls it when it ends)."""
-        if self.thread is not None:
-            self.stop.set()
-            self.thread.join()
-            self.thread = None
-
-
-def batches(dataset: Dataset, config, mesh):
-    """The batch source for a dataset: a task's own, on the host for token files, else on the
-    device."""
-    source = dataset.batch_source or (HostBatches if dataset.on_host else DeviceBatches)
-    return source(dataset, config, mesh)
+    return _check_tokenizer(Dataset(train=train, val=val, tokenizer=tok, on_host=True),
+                            tokenizer, config)

@@ -43,30 +43,54 @@ def _one_of(key, value, allowed):
         raise UserError(f"{key}={value!r}: must be one of {', '.join(allowed)}")
 
 
+def _key(default, *, weights: bool = False, nanogpt: bool = False):
+    """A GPTConfig field. weights: the params depend on it, so a resumed run and a run started
+    from trained weights must keep it; nanogpt: one of nanoGPT's `model_args`."""
+    return dataclasses.field(default=default, metadata={"weights": weights, "nanogpt": nanogpt})
+
+
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
     """The model's hyperparameters (nanoGPT's GPTConfig, plus the lecture's variants).
 
-    It owns the checks of every model key: a run's config is validated by building one.
+    The one list of model keys: config.py's defaults, the resume and pretrained checks and
+    convert.py's nanoGPT args all read these fields. It owns the checks of every model key: a
+    run's config is validated by building one.
     """
 
-    block_size: int = 1024
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64, as nanoGPT
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True  # biases in Linears and LayerNorms, as GPT-2
-    attention: str = "fused"  # "fused": CausalSelfAttention | "heads": `Head`s (the lecture)
-    attention_impl: str = "softmax"  # fused path: explicit softmax | jax.nn.dot_product_attention
-    activation: str = "gelu"
-    tie_weights: bool = True  # lm_head shares wte's weights (nanoGPT); the lecture has its own
-    lm_head_bias: bool = False  # the untied lm_head has a bias (the lecture's nn.Linear)
-    embd_dropout: bool = True  # dropout on tok_emb + pos_emb (nanoGPT); the lecture has none
-    scale_residual_init: bool = True  # GPT-2's 1/sqrt(2 n_layer) init of residual projections
-    position: str = "learned"  # "learned": wpe added to tok_emb | "rope": q, k rotated (RoPE)
-    dtype: str = "float32"  # compute dtype ("auto": bfloat16 on GPU/TPU); params always float32
-    remat: bool = False  # recompute each Block in the backward pass (jax.checkpoint)
+    # context length: the positions a token can look back over
+    block_size: int = _key(1024, weights=True, nanogpt=True)
+    # GPT-2's 50257 padded up to a multiple of 64, as nanoGPT (a run's config: 0 = the
+    # tokenizer's size)
+    vocab_size: int = _key(50304, weights=True, nanogpt=True)
+    n_layer: int = _key(12, weights=True, nanogpt=True)
+    n_head: int = _key(12, weights=True, nanogpt=True)
+    n_embd: int = _key(768, weights=True, nanogpt=True)
+    dropout: float = _key(0.0, nanogpt=True)
+    # biases in Linears and LayerNorms, as GPT-2
+    bias: bool = _key(True, weights=True, nanogpt=True)
+    # "fused": all heads in one batched op (CausalSelfAttention, exercise 1, nanoGPT) |
+    # "heads": one `Head` module per head (the lecture)
+    attention: str = _key("fused", weights=True)
+    # the fused path: explicit softmax | jax.nn.dot_product_attention ("xla", "cudnn")
+    attention_impl: str = _key("softmax")
+    # gelu (nanoGPT, exact erf) | gelu_tanh (GPT-2's original) | relu (the lecture)
+    activation: str = _key("gelu", weights=True)
+    # lm_head shares wte's weights (nanoGPT); the lecture has its own output layer
+    tie_weights: bool = _key(True, weights=True)
+    # a bias in the untied lm_head (the lecture's nn.Linear)
+    lm_head_bias: bool = _key(False, weights=True)
+    # dropout on tok_emb + pos_emb (nanoGPT); the lecture has none
+    embd_dropout: bool = _key(True)
+    # GPT-2's 1/sqrt(2 n_layer) init of residual projections; the lecture inits all at 0.02
+    scale_residual_init: bool = _key(True)
+    # "learned": a position table (wpe) added to tok_emb | "rope": q and k rotated (RoPE),
+    # whose KV cache keeps decoding past block_size one token at a time (docs/sampling.md)
+    position: str = _key("learned", weights=True)
+    # compute dtype ("auto": bfloat16 on GPU/TPU, float32 on CPU); params are always float32
+    dtype: str = _key("auto")
+    # recompute each Block in the backward pass (jax.checkpoint): memory for compute
+    remat: bool = _key(False)
 
     def __post_init__(self):
         for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -102,10 +126,20 @@ class GPTConfig:
         return jnp.dtype(resolve_dtype(self.dtype))
 
     @classmethod
+    def keys(cls, marker: str | None = None) -> tuple[str, ...]:
+        """The field names, in order; with a marker ("weights", "nanogpt") those it marks."""
+        return tuple(f.name for f in dataclasses.fields(cls)
+                     if marker is None or f.metadata[marker])
+
+    @classmethod
     def from_config(cls, config, vocab_size: int) -> "GPTConfig":
         """The model part of a run's ml_collections config; `vocab_size` from the tokenizer."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
+        names = set(cls.keys()) - {"vocab_size"}
         return cls(vocab_size=config.vocab_size or vocab_size, **{n: config[n] for n in names})
+
+
+# the keys a run's params depend on: `model` (gpt | bigram) and GPTConfig's weight keys
+WEIGHT_KEYS = ("model", *GPTConfig.keys("weights"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ def _documents(source: Path):
                         try:
                             yield [json.loads(line)["text"]]
                         except (json.JSONDecodeError, KeyError, TypeError):
-                            raise UserError(f"{f}:{n}: not a JSON object with a 'text' field")
+                            raise UserError(f"{f}:{n}: not a JSON object with a 'text' "
+                                            "field") from None
         else:
             yield _text_chunks(f)
 

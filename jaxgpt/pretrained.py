@@ -1,5 +1,6 @@
-"""Start from trained weights: OpenAI's GPT-2 (nanoGPT's init_from='gpt2*'), a Hugging Face
-GPT-2 directory, or another jaxgpt workdir (the lecture's exercise 3: pretrain, then finetune).
+"""Every source of trained weights: OpenAI's GPT-2 (nanoGPT's init_from='gpt2*'), a Hugging Face
+GPT-2 directory, or a jaxgpt workdir (`load_run`: what sample.py and the notebook load; as
+init_from, the lecture's exercise 3: pretrain, then finetune).
 
     run = pretrained.load("gpt2-xl", config)  # Run(config, tokenizer, model, params, step)
 
@@ -16,14 +17,17 @@ one subdirectory per name), else in the Hugging Face cache, else downloaded thro
 import logging
 import os
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import ml_collections
 import numpy as np
 
+from jaxgpt import checkpoint, parallel, step
 from jaxgpt import config as config_lib
 from jaxgpt import tokenizer as tokenizers
 from jaxgpt.convert import from_hf_gpt2
 from jaxgpt.errors import UserError
+from jaxgpt.model import WEIGHT_KEYS, GPTConfig, make_model
 from jaxgpt.workdir import as_path, is_remote
 
 GPT2_MODELS = {  # name -> (n_layer, n_head, n_embd), as nanoGPT's from_pretrained
@@ -35,8 +39,39 @@ GPT2_MODELS = {  # name -> (n_layer, n_head, n_embd), as nanoGPT's from_pretrain
 HF_ORG = "openai-community"  # where the Hugging Face hub keeps OpenAI's GPT-2 repositories
 HF_FILES = ("config.json", "model.safetensors")
 # keys the weights fix: a run may set them only to the weights' values (block_size: crop)
-WEIGHT_KEYS = ("model", "n_layer", "n_head", "n_embd", "vocab_size", "bias", "attention",
-               "activation", "tie_weights")
+FIXED_KEYS = tuple(k for k in WEIGHT_KEYS if k != "block_size")
+
+
+class Run(NamedTuple):
+    """A trained model, ready to sample or evaluate (what `load_run` and `load` return)."""
+
+    config: ml_collections.ConfigDict
+    tokenizer: Any  # tokenizer.CharTokenizer | tokenizer.BPETokenizer
+    model: Any  # model.GPT | model.BigramLanguageModel
+    params: Any
+    step: int
+
+
+def load_run(workdir, which: str | int = "best") -> Run:
+    """A trained workdir in one call: its config, tokenizer, model and the params of the
+    checkpoint with the lowest val loss ("best"), the newest ("latest") or a given step.
+
+        run = load_run("runs/shakespeare_cpu")
+        logits = run.model.apply({"params": run.params}, idx)
+    """
+    if not as_path(workdir).is_dir():  # a local directory or gs://bucket/run
+        raise UserError(f"{workdir}: no such directory; pass a workdir written by train.py")
+    config = checkpoint.load_config(workdir)
+    tokenizer = checkpoint.load_tokenizer(workdir)
+    model = make_model(config, tokenizer.vocab_size)
+    # the checkpoint's shapes, on one device (nothing is initialised for real)
+    abstract = step.abstract_train_state(config, model, parallel.one_device_mesh())
+    if which == "best":
+        at = checkpoint.best_step(workdir)  # None if no metrics can be read: then the latest
+    else:
+        at = None if which == "latest" else int(which)
+    state, at = checkpoint.restore(workdir, abstract, at)
+    return Run(config, tokenizer, model, state.params, at)
 
 
 def is_weights(init_from: str) -> bool:
@@ -117,8 +152,7 @@ def _hf_source(directory: Path):
     gpt_config, params = from_hf_gpt2(directory)
     config = config_lib.base_config()
     config.model = "gpt"
-    for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "attention",
-                "activation", "tie_weights"):
+    for key in GPTConfig.keys("weights"):
         config[key] = getattr(gpt_config, key)
     if tokenizers.has_bpe_files(directory):  # its own tables: nothing to download
         tokenizer = tokenizers.BPETokenizer(directory=directory)
@@ -129,9 +163,7 @@ def _hf_source(directory: Path):
 
 def _workdir_source(workdir):
     """(config, tokenizer, params, step) of the best checkpoint of a jaxgpt workdir."""
-    from jaxgpt import checkpoint  # the checkpoint module imports the training stack
-
-    run = checkpoint.load_run(workdir, "best")
+    run = load_run(workdir, "best")
     return run.config, run.tokenizer, run.params, run.step
 
 
@@ -157,7 +189,7 @@ def merge(config, weights_config, vocab_size: int, init_from: str):
     block_size if the run asks for one; a contradicting key is a UserError naming it."""
     defaults = config_lib.base_config()
     out = config.copy_and_resolve_references()
-    have = {k: weights_config[k] for k in WEIGHT_KEYS}
+    have = {k: weights_config[k] for k in FIXED_KEYS}
     have["vocab_size"] = weights_config.vocab_size or vocab_size  # 0: the tokenizer's size
     for key, value in have.items():
         if config[key] != defaults[key] and config[key] != value:
@@ -188,9 +220,6 @@ def load(init_from: str, config=None):
     """The weights `init_from` names as a Run(config, tokenizer, model, params, step) shaped for
     `config` (the run's; default: every key at its default): the model keys the weights fix,
     the run's dropout and compute settings, block_size cropped if asked."""
-    from jaxgpt.checkpoint import Run
-    from jaxgpt.model import make_model
-
     config = config if config is not None else config_lib.base_config()
     weights_config, tokenizer, params, step = source(init_from, config.get("pretrained_dir", ""))
     config = merge(config, weights_config, tokenizer.vocab_size, init_from)

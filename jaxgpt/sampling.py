@@ -1,6 +1,8 @@
 """Sampling: a KV cache, a prefill of the prompt, a compiled `lax.scan` decode loop.
 
-nanoGPT's `generate` re-runs the whole context through the model for every new token. Here the
+The lecture's and nanoGPT's `generate` re-runs the whole context through the model for every
+new token (`generate_uncached`, at the end: the reference the cached loop is tested against).
+Here the
 keys and values of past positions live in a fixed-shape cache passed in and out as a value, so a
 decode step reads one token; one compilation serves every prompt length and any number of new
 tokens (the prompt is padded to block_size, its length is a traced value; decoding runs as scans
@@ -187,6 +189,40 @@ def generate(model, params, idx, max_new_tokens, *, rng, temperature=1.0, top_k=
     new = list(generate_chunks(model, params, idx, max_new_tokens, rng=rng,
                                temperature=temperature, top_k=top_k, top_p=top_p, slide=slide))
     return jnp.asarray(np.concatenate([np.asarray(idx, np.int32)] + new, axis=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The lecture's loop: no cache, the whole (cropped) context re-run for every new token
+
+
+@functools.lru_cache(maxsize=8)
+def _forward(model):
+    return jax.jit(lambda params, idx: model.apply({"params": params}, idx))
+
+
+def generate_uncached(model, params, idx, max_new_tokens, *, rng, temperature=1.0, top_k=None,
+                      top_p=None):
+    """The lecture's (and nanoGPT's) `generate`: for each new token, crop the context to the
+    last block_size tokens, run all of it through the model, sample from the last position.
+
+    The reference `generate` is tested and timed against: the same tokens for the same keys.
+    The forward is jitted on contexts padded to a power of two (log2(block_size) compilations;
+    the cost grows with the context, as the lecture's does).
+    """
+    cfg = model.config
+    check_settings(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p)
+    idx = jnp.asarray(idx, jnp.int32)
+    settings = as_settings(temperature, top_k, top_p)
+    forward = _forward(model)
+    for i in range(max_new_tokens):
+        context = idx[:, -cfg.block_size:]  # (B, t) crop to the last block_size tokens
+        t = context.shape[1]
+        padded = min(cfg.block_size, 1 << (t - 1).bit_length())
+        context = jnp.pad(context, ((0, 0), (0, padded - t)))  # (B, padded) causal: no effect
+        logits = forward(params, context)[:, t - 1]  # (B, V) focus on the last real step
+        tok = sample_token(logits, jax.random.fold_in(rng, i), settings)  # (B,)
+        idx = jnp.concatenate([idx, tok[:, None]], axis=1)  # (B, T + i + 1)
+    return idx
 
 
 def warmup(model, params, batch_size: int, chunk=CHUNK) -> float:

@@ -143,7 +143,7 @@ def _gpt2_encoding():
         raise UserError("GPT-2 BPE needs tiktoken: pip install 'jaxgpt[bpe]'") from e
     try:
         return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken fetches its vocabulary files once, then caches them
+    except Exception as e:  # noqa: BLE001  tiktoken fetches its files once, then caches them
         raise UserError(f"GPT-2's BPE vocabulary is not in tiktoken's cache "
                         f"{tiktoken_cache_dir()} and could not be downloaded "
                         f"({type(e).__name__}); offline? copy that cache from a machine where "

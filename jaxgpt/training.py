@@ -1,121 +1,34 @@
-"""Training: a TrainState pytree, a pure jit-compiled train step, estimate_loss, the loop.
+"""The training loop: set up a run, then step, evaluate and save on a schedule.
 
-Randomness: the run's root key lives in the state; step s uses fold_in(root, s) for its batch
-and its dropout, so the same seed gives the same run and a resumed run the same stream.
+    train(config, workdir)  # what train.py calls
+    setup(config)           # data, model, mesh, state, the compiled calls (bench.py, tests)
+
+Three parts, each testable on its own: `Schedule` (when to evaluate, how many steps each
+compiled call runs: arithmetic on step numbers), `Loop` (the mutable state of one run: the
+train state, the step, the call in flight) and the hooks (hooks.py: metrics, progress bar,
+checkpoints, ...: the per-call work the loop hands off). The compiled side is step.py.
 """
 
-import functools
-import math
+import contextlib
+import dataclasses
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-import flax.struct
 import jax
-import jax.numpy as jnp
-import optax
-from flax.training import train_state
 from tqdm import tqdm
 
-from jaxgpt import checkpoint
+from jaxgpt import batches as batches_lib
+from jaxgpt import checkpoint, datasets, parallel, preemption, pretrained, profiling, progress, step
 from jaxgpt import config as config_lib
 from jaxgpt import data as data_lib
+from jaxgpt import hooks as hooks_lib
 from jaxgpt import metrics as metrics_lib
-from jaxgpt import optim, parallel, preemption, pretrained, profiling, progress
 from jaxgpt import workdir as workdir_lib
-from jaxgpt.errors import UserError
 from jaxgpt.model import count_params, make_model
 
-
-class TrainState(train_state.TrainState):
-    """step, params, opt_state and the run's root key (+ apply_fn, tx, lr_schedule: static)."""
-
-    rng: jax.Array = flax.struct.field(default=None)
-    lr_schedule: Callable = flax.struct.field(pytree_node=False, default=None)
-
-
-def cross_entropy(logits, targets):
-    """Mean next-token cross-entropy over the targets that are not -1 (torch's ignore_index=-1:
-    a task masks positions it does not score); logits (B, T, V) float32, targets (B, T) int."""
-    keep = targets != -1  # (B, T)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, targets, 0))
-    return jnp.sum(jnp.where(keep, losses, 0.0)) / jnp.maximum(keep.sum(), 1)
-
-
-def loss_fn(params, apply_fn, x, y, dropout_rng):
-    logits = apply_fn({"params": params}, x, deterministic=False,
-                      rngs={"dropout": dropout_rng})  # (B, T, V)
-    return cross_entropy(logits, y)
-
-
-def create_train_state(config, model, mesh) -> TrainState:
-    """Initialise params and optimizer state directly into their shardings on the mesh."""
-    tx = optim.make_optimizer(config)
-    init_rng, run_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    dummy = jnp.zeros((1, config.block_size), jnp.int32)
-
-    def init(init_rng, run_rng):
-        params = model.init(init_rng, dummy)["params"]
-        return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=run_rng,
-                                 lr_schedule=optim.lr_schedule(config))
-
-    abstract = jax.eval_shape(init, init_rng, run_rng)
-    shardings = parallel.state_sharding(abstract, mesh)
-    return jax.jit(init, out_shardings=shardings)(init_rng, run_rng)
-
-
-def train_step(state: TrainState, batch, rng):
-    """One optimizer step on batch = (x, y), each (A, B, T): A micro-batches accumulated.
-
-    Gradients are averaged over the A micro-batches (nanoGPT's gradient_accumulation_steps: the
-    effective batch is A*B), then clipped and applied by the optax chain. Returns the new state
-    and this step's {loss, grad_norm, lr}.
-    """
-    x, y = batch  # (A, B, T), (A, B, T)
-    keys = jax.random.split(rng, x.shape[0])  # (A,) one dropout key per micro-batch
-    grad_fn = jax.value_and_grad(loss_fn)
-    if x.shape[0] == 1:
-        loss, grads = grad_fn(state.params, state.apply_fn, x[0], y[0], keys[0])
-    else:
-        def micro_step(grad_sum, inputs):
-            loss, grads = grad_fn(state.params, state.apply_fn, *inputs)
-            return jax.tree.map(jnp.add, grad_sum, grads), loss
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grad_sum, losses = jax.lax.scan(micro_step, zeros, (x, y, keys))
-        grads = jax.tree.map(lambda g: g / x.shape[0], grad_sum)
-        loss = losses.mean()
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "lr": state.lr_schedule(state.step)}  # the rate this step's update uses
-    return state.apply_gradients(grads=grads), metrics
-
-
-def train_steps(state: TrainState, data, *, train_batch, num_steps: int):
-    """`num_steps` optimizer steps in one compiled call (a lax.scan: no Python between steps).
-
-    `data` is the batch source's `train_data` for these steps and `train_batch(data, i, key)`
-    step i's (x, y): drawn on the device from the step's key, or read from batches the host
-    loaded. Returns the new state and the per-step metrics stacked: (num_steps,) each.
-    """
-    def one_step(state, i):
-        data_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
-        return train_step(state, train_batch(data, i, data_key), dropout_key)
-
-    return jax.lax.scan(one_step, state, jnp.arange(num_steps))
-
-
-def eval_step(params, apply_fn, x, y):
-    """The loss on one batch x, y (B, T), without dropout."""
-    return cross_entropy(apply_fn({"params": params}, x, deterministic=True), y)
-
-
-def eval_loss(params, data, keys, *, apply_fn, eval_batch):
-    """Mean loss over one batch per key in one compiled call (batch i: eval_batch(data, i,
-    keys[i])); estimate_loss makes several such calls per split."""
-    def one_batch(_, inputs):
-        return None, eval_step(params, apply_fn, *eval_batch(data, *inputs))
-
-    _, losses = jax.lax.scan(one_batch, None, (jnp.arange(len(keys)), keys))  # (len(keys),)
-    return losses.mean()
+# ---------------------------------------------------------------------------------------------
+# Setup: everything the loop needs before its first step
 
 
 class Setup(NamedTuple):
@@ -124,8 +37,8 @@ class Setup(NamedTuple):
     dataset: data_lib.Dataset
     model: Any
     mesh: jax.sharding.Mesh
-    state: TrainState
-    batches: Any  # data.DeviceBatches | data.HostBatches
+    state: step.TrainState
+    batches: batches_lib.BatchSource
     train_call: Callable  # (state, data, num_steps=n) -> (state, metrics), state donated
     evaluate: Callable  # (params, data, keys) -> mean loss, one batch per key
 
@@ -133,25 +46,23 @@ class Setup(NamedTuple):
 def setup(config, *, dataset=None, mesh=None) -> Setup:
     """Validate the config, load the data, build the model, mesh, state and the compiled calls."""
     config_lib.validate(config)
-    dataset = dataset or data_lib.load_dataset(config)
+    dataset = dataset or datasets.load(config)
     model = make_model(config, dataset.tokenizer.vocab_size)
     mesh = mesh or parallel.make_mesh(config)
     parallel.check_batch(config, mesh)
-    state = create_train_state(config, model, mesh)
-    batches = data_lib.batches(dataset, config, mesh)
+    state = step.create_train_state(config, model, mesh)
+    source = batches_lib.make(dataset, config, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    train_call = jax.jit(functools.partial(train_steps, train_batch=batches.train_batch),
-                         static_argnames="num_steps", donate_argnums=0,
-                         out_shardings=(shardings, None))
-    evaluate = jax.jit(functools.partial(eval_loss, apply_fn=state.apply_fn,
-                                         eval_batch=batches.eval_batch))
-    return Setup(dataset, model, mesh, state, batches, train_call, evaluate)
+    return Setup(dataset, model, mesh, state, source,
+                 step.jit_train_steps(shardings, source.train_batch),
+                 step.jit_eval_loss(state.apply_fn, source.eval_batch))
 
 
-def estimate_loss(s: Setup, params, key, on_call=None) -> dict:
+def estimate_loss(s: Setup, params, key, on_call=None) -> dict | None:
     """{split: mean loss over eval_iters batches} (the lecture's estimate_loss), in calls of
-    eval_batches_per_call batches; `on_call(done, total, seconds)` after each call."""
-    n = data_lib.eval_batches_per_call(s.batches.eval_iters)
+    eval_batches_per_call batches. `on_call(done, total, seconds)` runs after each call; if it
+    returns True the eval stops there and returns None."""
+    n = batches_lib.eval_batches_per_call(s.batches.eval_iters)
     per_split = s.batches.eval_iters // n
     losses = {}
     for i, split in enumerate(("train", "val")):
@@ -163,71 +74,193 @@ def estimate_loss(s: Setup, params, key, on_call=None) -> dict:
             loss = s.evaluate(params, s.batches.eval_data(split, chunk), chunk)  # 1st: compiles
             dispatched = time.perf_counter()
             total += float(loss)  # waits for the device
-            if on_call is not None:  # progress; the call's run time, without its compilation
-                on_call(i * per_split + j + 1, 2 * per_split, time.perf_counter() - dispatched)
+            # progress; the call's run time, without its compilation
+            if on_call and on_call(i * per_split + j + 1, 2 * per_split,
+                                   time.perf_counter() - dispatched):
+                return None
         losses[split] = total / per_split
     return losses
 
 
-class _StopEval(Exception):
-    """A stop was requested in the middle of an eval."""
+# ---------------------------------------------------------------------------------------------
+# The schedule: pure arithmetic on step numbers
 
 
-def _check_finite(loss: float, step: int):
-    if not math.isfinite(loss):
-        raise UserError(f"loss is {loss} at step {step}: training diverged; lower "
-                        "--config.learning_rate, keep --config.grad_clip > 0, or use "
-                        "--config.dtype=float32 (no checkpoint was written for this state)")
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """When the loop evaluates and how many steps each compiled call may run.
+
+    nanoGPT evaluates every eval_interval steps and after the last step (at max_iters); the
+    lecture's loop (`eval_before_last_step`) at iter max_iters - 1 instead, before that iter's
+    step, and not after it. A call never runs past the next eval or max_iters. `evaluated`: a
+    resumed step whose eval was done and saved already (a step saved on preemption in the
+    middle of its eval has no val loss, and is evaluated again).
+    """
+
+    max_iters: int
+    eval_interval: int
+    steps_per_call: int = 1
+    eval_before_last_step: bool = False
+    evaluated: int | None = None
+
+    @classmethod
+    def from_config(cls, config, evaluated: int | None = None) -> "Schedule":
+        return cls(config.max_iters, config.eval_interval, config.steps_per_call,
+                   config.eval_before_last_step, evaluated)
+
+    @property
+    def last_eval(self) -> int:
+        return self.max_iters - 1 if self.eval_before_last_step else self.max_iters
+
+    def eval_due(self, step: int) -> bool:
+        regular = step % self.eval_interval == 0 and step < self.last_eval
+        return (regular or step == self.last_eval) and step != self.evaluated
+
+    def call_steps(self, step: int) -> int:
+        """How many steps the call starting at `step` runs: up to the next eval or the end."""
+        next_eval = (step // self.eval_interval + 1) * self.eval_interval
+        if step < self.last_eval:
+            next_eval = min(next_eval, self.last_eval)
+        return min(self.steps_per_call, next_eval - step, self.max_iters - step)
+
+    def events(self, step: int):
+        """From `step` on: ("eval", s) and ("train", s, n) in the order the loop runs them."""
+        while True:
+            if self.eval_due(step):
+                yield ("eval", step)
+            if step >= self.max_iters:
+                return
+            n = self.call_steps(step)
+            yield ("train", step, n)
+            step += n
+
+    def saves_last_step(self, step: int) -> bool:
+        """The lecture's loop ends with a step after its last eval: saved without a val loss."""
+        return step >= self.max_iters and self.last_eval < step
 
 
-def from_weights(s: Setup, weights) -> TrainState:
-    """`s`'s fresh state holding the params of `weights` (a checkpoint.Run): step 0 and a fresh
-    optimizer state, as finetuning starts (nanoGPT's init_from='gpt2*')."""
-    params = jax.tree.map(lambda p, x: jax.device_put(jnp.asarray(p, x.dtype), x.sharding),
-                          weights.params, s.state.params)
-    return s.state.replace(params=params)
+# ---------------------------------------------------------------------------------------------
+# The loop
 
 
-def starting_point(config, workdir):
+class Loop:
+    """One run: the train state, the step it is at and the call in flight, stepped through the
+    schedule's events; everything else is a hook's."""
+
+    def __init__(self, s: Setup, state, schedule: Schedule, hooks: list[hooks_lib.Hook], *,
+                 eval_key, mfu: progress.MFU, signals: preemption.Preemption,
+                 progress_bar: hooks_lib.ProgressBar, ckpt: checkpoint.RunCheckpoints | None,
+                 say):
+        self.s, self.state, self.step = s, state, int(state.step)
+        self.schedule, self.hooks, self.eval_key, self.mfu = schedule, hooks, eval_key, mfu
+        self.signals, self.progress_bar, self.ckpt, self.say = signals, progress_bar, ckpt, say
+        self.calls = 0  # compiled train calls dispatched
+        self.collected = 0  # and read back
+        self.pending = None  # (first step, metrics on the device) of the call in flight
+        self.clock = time.perf_counter()  # when the previous call finished
+
+    def _each(self, moment: str, *args) -> None:
+        for hook in self.hooks:
+            getattr(hook, moment)(self, *args)
+
+    def run(self):
+        """Train to max_iters; returns the state. Preempted after a save if a stop is asked."""
+        for event in self.schedule.events(self.step):
+            if event[0] == "eval":
+                self.collect()  # before evaluating, so logs stay in step order
+                if not self.evaluate():
+                    self.stop()
+                self.clock = time.perf_counter()  # the eval is not the next call's run time
+            elif self.signals.requested():  # all processes agree on this step
+                self.stop()
+            else:
+                self.dispatch(event[2])
+        self.collect()
+        self._each("at_end")
+        return self.state
+
+    def dispatch(self, n: int) -> None:
+        """Start the call that runs the next n steps, then read back the one before it."""
+        self._each("before_call", n)
+        start = time.perf_counter()
+        self.state, metrics = self.s.train_call(self.state, self.s.batches.train_data(self.step, n),
+                                                num_steps=n)
+        if self.calls == 0:  # jit compiled it before dispatching: time the runs without it
+            self.say(f"compiled the training step in {time.perf_counter() - start:.1f} s")
+            self.clock = time.perf_counter()
+        self.collect()  # waits for the previous call only
+        self.pending = (self.step, metrics)
+        self.step += n
+        self.calls += 1
+
+    def collect(self) -> None:
+        """The call in flight's metrics to the host, handed to the hooks."""
+        if self.pending is None:
+            return
+        first_step, metrics = self.pending
+        self.pending = None
+        host = jax.device_get(metrics)  # waits for that call
+        now = time.perf_counter()
+        seconds, self.clock = now - self.clock, now
+        call = hooks_lib.Call(self.collected, first_step, host, seconds,
+                    self.mfu(seconds / len(host["loss"])))
+        self.collected += 1
+        self._each("after_call", call)
+
+    def evaluate(self) -> dict | None:
+        """The losses at this step (hooks log and save them), or None if a stop came first."""
+        def on_call(done, total, seconds):
+            self._each("eval_progress", done, total, seconds)
+            return self.signals.requested()  # stop without finishing the eval
+
+        key = jax.random.fold_in(self.eval_key, self.step)
+        losses = estimate_loss(self.s, self.state.params, key, on_call)
+        if losses is None:
+            return None
+        # a task's own measure (addition: exact-match accuracy on held-out problems)
+        evaluate = self.s.dataset.evaluate
+        extra = evaluate(self.s.model, self.state.params) if evaluate else {}
+        self._each("after_eval", losses, extra)
+        return losses
+
+    def stop(self):
+        """Preempted: log the call in flight, save this step, wait for the write, raise."""
+        self.collect()
+        self.progress_bar.status("saving a checkpoint")
+        saved = self.ckpt.save_now(self.state) if self.ckpt else False
+        raise preemption.Preempted(self.step, self.signals.signum, saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# train(): where the run starts, what it opens, the loop
+
+
+def starting_point(config, workdir, stack: contextlib.ExitStack):
     """(config, Setup, state, resumed step or None, checkpoints or None) of a run about to
     train or evaluate: its own checkpoint if it has one (init_from auto / resume), else the
     weights init_from names, else a fresh init. `config` has the model keys the weights fix.
-    eval_only reads checkpoints but never writes one."""
+    eval_only reads checkpoints but never writes one. What it opens, `stack` closes."""
     weights = None
     if pretrained.is_weights(config.init_from):
         weights = pretrained.load(config.init_from, config)
         config = weights.config  # the weights fix the model's shape
-    tokenizer = weights.tokenizer if weights else None
-    s = setup(config, dataset=data_lib.load_dataset(config, tokenizer) if weights else None)
-    state = from_weights(s, weights) if weights else s.state
+    dataset = datasets.load(config, weights.tokenizer) if weights else None
+    s = setup(config, dataset=dataset)
+    stack.callback(s.batches.close)  # the host prefetch thread, if any
+    state = step.with_params(s.state, weights.params) if weights else s.state
     if config.eval_only:
         has_checkpoint = (workdir / checkpoint.CHECKPOINT_DIR).is_dir()
         if config.init_from == "resume" or (config.init_from == "auto" and has_checkpoint):
-            state, step = checkpoint.restore(workdir, checkpoint.abstract_like(state))
-            return config, s, state, step, None
+            state, at = checkpoint.restore(workdir, checkpoint.abstract_like(state))
+            return config, s, state, at, None
         return config, s, state, None, None
     ckpt = checkpoint.RunCheckpoints(config, workdir)
+    stack.callback(ckpt.close)  # waits for the async checkpoint writes
     state, resumed = ckpt.start(state, s.dataset.tokenizer)  # a finetune resumes its own run
     return config, s, state, resumed, ckpt
 
 
-def train(config, workdir) -> TrainState:
-    """The training loop: eval every eval_interval, log every log_interval, return the state.
-
-    SIGTERM or Ctrl-C: the call in flight finishes, a checkpoint of that step is saved and
-    preemption.Preempted is raised (train.py prints it and exits non-zero; the same command
-    resumes). `workdir` is a directory or a URL (gs://...): every file goes through epath.
-    With config.eval_only: one evaluation of the loaded model (train and val loss), printed and
-    written to the metrics, and no checkpoint.
-    """
-    config_lib.validate(config)  # before any file is touched or anything compiles
-    profiling.check(config)
-    metrics_lib.check_wandb(config)
-    workdir = workdir_lib.prepare(workdir)
-    config, s, state, resumed, ckpt = starting_point(config, workdir)
-    main = parallel.is_main_process()
-    say = tqdm.write if main else (lambda *a, **k: None)
-
+def _announce(config, s: Setup, state, resumed, workdir, say) -> None:
     if resumed is not None:
         say(f"resuming from the checkpoint of step {resumed} in {workdir}")
     elif pretrained.is_weights(config.init_from):
@@ -239,136 +272,46 @@ def train(config, workdir) -> TrainState:
     else:
         say(f"number of parameters: {count_params(state.params) / 1e6:.2f}M {devices}")
 
-    eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-    writer = metrics_lib.Metrics(workdir, config, enabled=main)
-    profiler = profiling.Profiler(config, workdir, enabled=main, say=say)
-    mfu = progress.MFU(config, count_params(state.params, non_embedding=False),
-                       s.mesh.devices.size)
-    estimate = progress.CPUEstimate(config)
-    signals = preemption.Preemption()  # its handlers are installed around the training loop
-    tokens_per_step = config.batch_size * config.gradient_accumulation_steps * config.block_size
 
-    def run_eval(step):
-        def on_call(done, total, seconds):
-            bar.set_postfix_str(f"evaluating {done}/{total}")
-            if done == 1:
-                warn(estimate.after_eval_batches(seconds * total / (2 * config.eval_iters), step))
-            if signals.requested():  # stop without finishing the eval
-                raise _StopEval
+def train(config, workdir) -> step.TrainState:
+    """Train per the config in `workdir`: eval every eval_interval, log every log_interval,
+    save after evals; returns the state.
 
-        losses = estimate_loss(s, state.params, jax.random.fold_in(eval_key, step), on_call)
-        # a task's own measure (addition: exact-match accuracy on held-out problems)
-        extra = s.dataset.evaluate(s.model, state.params) if s.dataset.evaluate else {}
-        say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-            + "".join(f", {k} {v:.4f}" for k, v in extra.items()))
-        writer.write("eval", step, train_loss=losses["train"], val_loss=losses["val"],
-                     lr=float(state.lr_schedule(step)), **extra)
-        writer.flush()
-        _check_finite(losses["val"], step)
-        return losses
-
-    def warn(line):
-        if line:
-            say(line)
-
-    def log(first_step, metrics, seconds):
-        """Write the per-step metrics of one finished call (read one call late: no stall)."""
-        n = len(metrics["loss"])
-        step_ms = 1000 * seconds / n
-        util = mfu(seconds / n)
-        extra = {} if util is None else {"mfu": util}
-        for i in range(n):
-            step = first_step + i
-            _check_finite(float(metrics["loss"][i]), step)
-            if step % config.log_interval == 0:
-                writer.write("train", step, loss=float(metrics["loss"][i]),
-                             grad_norm=float(metrics["grad_norm"][i]),
-                             lr=float(metrics["lr"][i]), step_ms=step_ms,
-                             tokens_per_sec=tokens_per_step * 1000 / step_ms, **extra)
-        shown = {"loss": f"{float(metrics['loss'][-1]):.4f}", "ms": f"{step_ms:.1f}"}
-        if util is not None:
-            shown["mfu"] = f"{100 * util:.1f}%"
-        bar.set_postfix(shown)
-
-    def stop(step):
-        """Preempted: log the call in flight, save this step, wait for the write, raise."""
-        drain()
-        bar.set_postfix_str("saving a checkpoint")
-        raise preemption.Preempted(step, signals.signum, ckpt.save_now(state))
-
-    # nanoGPT evaluates after the last step (at max_iters); the lecture's loop at iter
-    # max_iters - 1, before its step, and not after it
-    last_eval = config.max_iters - 1 if config.eval_before_last_step else config.max_iters
-    step = int(state.step)
-    bar = tqdm(total=config.max_iters, initial=step, disable=not main, dynamic_ncols=True)
-    if config.eval_only:  # nanoGPT's eval_only: the first eval, then exit
-        try:
-            run_eval(step)
-        finally:
-            bar.close()
-            s.batches.close()
-            writer.close()
-        return state
-    pending = None  # (first step, metrics on device) of the call in flight
-    calls = 0  # compiled train calls so far
-    last = time.perf_counter()
-
-    def drain():
-        nonlocal pending
-        if pending is not None:
-            log(pending[0], jax.device_get(pending[1]), time.perf_counter() - last)
-            pending = None
-
-    # a resumed step with a val loss was evaluated and saved already; one saved on preemption
-    # in the middle of its eval was not
-    evaluated = resumed if resumed in checkpoint.val_losses(ckpt.manager) else None
-    try:
-        with signals:
-            while True:
-                at_eval = ((step % config.eval_interval == 0 and step < last_eval)
-                           or step == last_eval)
-                if at_eval and step != evaluated:
-                    drain()  # before evaluating, so logs stay in step order
-                    try:
-                        losses = run_eval(step)
-                    except _StopEval:
-                        stop(step)
-                    ckpt.after_eval(state, losses, final=step == last_eval)
-                    last = time.perf_counter()
-                if step >= config.max_iters:
-                    if last_eval < step:  # the lecture's loop: a last step after the last eval
-                        drain()
-                        ckpt.save_now(state)  # no val loss: the latest, never the "best"
-                    break
-                if signals.requested():  # all processes agree on this step
-                    stop(step)
-                profiler.before_call(step, calls, state)
-                next_eval = (step // config.eval_interval + 1) * config.eval_interval
-                if step < last_eval:
-                    next_eval = min(next_eval, last_eval)
-                n = min(config.steps_per_call, next_eval - step, config.max_iters - step)
-                if calls == 0:
-                    bar.set_postfix_str("compiling the training step")
-                    start = time.perf_counter()
-                state, metrics = s.train_call(state, s.batches.train_data(step, n), num_steps=n)
-                if calls == 0:  # jit compiled it before dispatching: time the runs without it
-                    say(f"compiled the training step in {time.perf_counter() - start:.1f} s")
-                    last = time.perf_counter()
-                if pending is not None:
-                    host = jax.device_get(pending[1])  # waits for the previous call only
-                    now = time.perf_counter()
-                    log(pending[0], host, now - last)
-                    if calls == 1:
-                        warn(estimate.after_train_call((now - last) / len(host["loss"]), step))
-                    last = now
-                pending = (step, metrics)
-                step += n
-                calls += 1
-                bar.update(n)
-        profiler.close(state, step)  # a run shorter than profile_steps: what it has
-    finally:
-        bar.close()
-        s.batches.close()  # stop the host prefetch thread, if any
-        ckpt.close()  # wait for the async checkpoint writes
-        writer.close()
-    return state
+    SIGTERM or Ctrl-C: the call in flight finishes, a checkpoint of that step is saved and
+    preemption.Preempted is raised (train.py prints it and exits non-zero; the same command
+    resumes). `workdir` is a directory or a URL (gs://...): every file goes through epath.
+    With config.eval_only: one evaluation of the loaded model (train and val loss), printed and
+    written to the metrics, and no checkpoint.
+    """
+    config_lib.validate(config)  # before any file is touched or anything compiles
+    profiling.check(config)
+    metrics_lib.check_wandb(config)
+    workdir = workdir_lib.prepare(workdir)
+    main = parallel.is_main_process()
+    say = tqdm.write if main else (lambda *a, **k: None)
+    with contextlib.ExitStack() as stack:  # everything opened below, closed on every exit
+        config, s, state, resumed, ckpt = starting_point(config, workdir, stack)
+        _announce(config, s, state, resumed, workdir, say)
+        writer = stack.enter_context(contextlib.closing(
+            metrics_lib.Metrics(workdir, config, enabled=main)))
+        bar = stack.enter_context(tqdm(total=config.max_iters, initial=int(state.step),
+                                       disable=not main, dynamic_ncols=True))
+        signals = stack.enter_context(preemption.Preemption())  # handlers while training
+        progress_bar = hooks_lib.ProgressBar(bar)
+        hooks = [hooks_lib.FiniteCheck(), hooks_lib.MetricsLog(writer, config, say), progress_bar,
+                 hooks_lib.CPUTimeWarning(config, say)]
+        if not config.eval_only:
+            hooks += [hooks_lib.Profile(profiling.Profiler(config, workdir, enabled=main, say=say)),
+                      hooks_lib.Checkpoints(ckpt)]
+        # a resumed step with a val loss was evaluated and saved already
+        evaluated = resumed if ckpt and resumed in checkpoint.val_losses(ckpt.manager) else None
+        loop = Loop(s, state, Schedule.from_config(config, evaluated), hooks,
+                    eval_key=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
+                    mfu=progress.MFU(config, count_params(state.params, non_embedding=False),
+                                     s.mesh.devices.size),
+                    signals=signals, progress_bar=progress_bar, ckpt=ckpt, say=say)
+        if config.eval_only:  # nanoGPT's eval_only: the first eval, then exit
+            if not loop.evaluate():
+                loop.stop()
+            return loop.state
+        return loop.run()

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from configs import addition as addition_config
-from jaxgpt import addition, data, training
+from jaxgpt import addition, batches, datasets, training
+from jaxgpt import step as step_lib
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT, GPTConfig
 from jaxgpt.tokenizer import CharTokenizer
@@ -47,10 +48,10 @@ def test_masked_targets_do_not_count():
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     keep = y != -1
     want = -np.take_along_axis(logp, np.where(keep, y, 0)[..., None], -1)[..., 0][keep].mean()
-    np.testing.assert_allclose(training.cross_entropy(jnp.asarray(logits), jnp.asarray(y)), want,
+    np.testing.assert_allclose(step_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(y)), want,
                                rtol=1e-6)
     # and the logits at masked positions get no gradient
-    grad = jax.grad(lambda l: training.cross_entropy(l, jnp.asarray(y)))(jnp.asarray(logits))
+    grad = jax.grad(lambda l: step_lib.cross_entropy(l, jnp.asarray(y)))(jnp.asarray(logits))
     assert not np.any(np.asarray(grad)[:, :5]) and np.any(np.asarray(grad)[:, 5:])
 
 
@@ -112,7 +113,7 @@ def test_training_reports_held_out_accuracy(tmp_path, capsys):
 def test_batches_are_problems_with_masked_targets(tmp_path):
     c = small(tmp_path)
     s = training.setup(c)
-    assert isinstance(s.batches, addition.AdditionBatches)
+    assert isinstance(s.batches, batches.DeviceBatches) and s.batches.draw is s.dataset.draw
     x, y = s.batches.train_batch(s.batches.train_data(0, 1), 0, jax.random.PRNGKey(0))
     assert x.shape == y.shape == (1, 16, 8)  # (A, B, T)
     x, y = np.asarray(x[0]), np.asarray(y[0])
@@ -123,7 +124,7 @@ def test_batches_are_problems_with_masked_targets(tmp_path):
 
 def test_bad_addition_settings_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="digits=4"):
-        data.load_dataset(small(tmp_path, addition={"digits": 4, "reverse": True,
+        datasets.load(small(tmp_path, addition={"digits": 4, "reverse": True,
                                                     "eval_problems": 10}))
     with pytest.raises(UserError, match="block_size=5 is shorter"):
-        data.load_dataset(small(tmp_path, block_size=5))
+        datasets.load(small(tmp_path, block_size=5))

@@ -68,8 +68,8 @@ def test_heldout_loss_is_the_mean_over_every_window():
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxgpt.bench import heldout_loss
     from jaxgpt.model import GPT, GPTConfig
+    from jaxgpt.step import heldout_loss
 
     model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=8))
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]

@@ -12,18 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import synthetic_text, tiny
 from jaxgpt import checkpoint, parallel, training
+from jaxgpt import step as step_lib
 from jaxgpt.errors import UserError
 from jaxgpt.model import make_model
 from jaxgpt.tokenizer import CharTokenizer
+from tests.conftest import synthetic_text, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def fresh_state(config, vocab_size=18):
     model = make_model(config, vocab_size)
-    return training.create_train_state(config, model, parallel.make_mesh(config))
+    return step_lib.create_train_state(config, model, parallel.make_mesh(config))
 
 
 def assert_trees_equal(a, b):
@@ -213,14 +214,15 @@ SHARDED = """
 import sys
 import jax, numpy as np
 from tests.conftest import tiny
-from jaxgpt import checkpoint, parallel, training
+from jaxgpt import checkpoint, parallel
+from jaxgpt import step as step_lib
 from jaxgpt.model import make_model
 workdir = sys.argv[1]
 def state_on(devices, fsdp, seed):
     config = tiny(n_embd=128, seed=seed)
     config.mesh.fsdp = fsdp
     mesh = parallel.make_mesh(config, devices)
-    return training.create_train_state(config, make_model(config, 18), mesh)
+    return step_lib.create_train_state(config, make_model(config, 18), mesh)
 big = state_on(jax.devices(), 4, 0)  # 8 devices: data 2 x fsdp 4
 assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
            for x in jax.tree.leaves(big.params))

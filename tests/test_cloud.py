@@ -49,15 +49,14 @@ def test_text_and_token_files_read_from_gcs(gcs, tmp_path, monkeypatch):
     once into the local cache (np.memmap needs a file)."""
     import numpy as np
 
-    from jaxgpt import data as data_lib
-    from jaxgpt import prepare
+    from jaxgpt import datasets, prepare
     from jaxgpt import tokenizer as tokenizers
     from tests.conftest import byte_encoding, synthetic_text, tiny
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the local mirror goes under ~/.cache
     text = synthetic_text(20000)
     epath.Path("gs://test-bucket/data/input.txt").write_text(text)
-    char = data_lib.load_dataset(tiny("gs://test-bucket/data/input.txt"))
+    char = datasets.load(tiny("gs://test-bucket/data/input.txt"))
     assert char.tokenizer.decode(np.concatenate([char.train, char.val]).tolist()) == text
 
     (tmp_path / "input.txt").write_text(text)
@@ -66,8 +65,8 @@ def test_text_and_token_files_read_from_gcs(gcs, tmp_path, monkeypatch):
     for f in (tmp_path / "bins").iterdir():
         epath.Path(f"gs://test-bucket/data/owt/{f.name}").write_bytes(f.read_bytes())
     c = tiny(dataset="owt", data_dir="gs://test-bucket/data", vocab_size=320)
-    bpe = data_lib.load_dataset(c)
+    bpe = datasets.load(c)
     for split in ("train", "val"):
-        want = np.fromfile(tmp_path / "bins" / f"{split}.bin", dtype=data_lib.BIN_DTYPE)
+        want = np.fromfile(tmp_path / "bins" / f"{split}.bin", dtype=datasets.data.BIN_DTYPE)
         np.testing.assert_array_equal(getattr(bpe, split), want)
     assert (tmp_path / "home/.cache/jaxgpt/remote/test-bucket/data/owt/train.bin").is_file()

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt import data, tokenizer
+from jaxgpt import batches, data, datasets, tokenizer
 from jaxgpt.errors import UserError
 from tests.conftest import tiny
 
@@ -55,7 +55,7 @@ def test_gpt2_vocabulary_offline_is_a_clear_error(monkeypatch):
 
 
 def test_split_is_90_10_in_order(text_file):
-    ds = data.load_dataset(tiny(text_file))
+    ds = datasets.load(tiny(text_file))
     text = text_file.read_text()
     n = int(0.9 * len(text))
     assert ds.tokenizer.decode(ds.train) == text[:n]
@@ -64,7 +64,7 @@ def test_split_is_90_10_in_order(text_file):
 
 def test_get_batch_windows_are_shifted_by_one():
     arr = np.arange(100, dtype=np.int32)
-    x, y = jax.jit(data.get_batch, static_argnums=(2, 3))(arr, jax.random.PRNGKey(0), 6, 10)
+    x, y = jax.jit(batches.get_batch, static_argnums=(2, 3))(arr, jax.random.PRNGKey(0), 6, 10)
     assert x.shape == y.shape == (6, 10)
     x, y = np.asarray(x), np.asarray(y)
     np.testing.assert_array_equal(y, x + 1)  # y is x shifted one token on
@@ -74,7 +74,7 @@ def test_get_batch_windows_are_shifted_by_one():
 
 def test_missing_data_path_names_the_flag(tmp_path):
     with pytest.raises(UserError, match="--config.data_path"):
-        data.load_dataset(tiny(tmp_path / "nope.txt"))
+        datasets.load(tiny(tmp_path / "nope.txt"))
 
 
 def test_no_network_gives_one_line_error(tmp_path, monkeypatch):
@@ -82,7 +82,7 @@ def test_no_network_gives_one_line_error(tmp_path, monkeypatch):
     c.dataset, c.data_dir = "shakespeare_char", str(tmp_path)
     monkeypatch.setattr(data, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")  # refused
     with pytest.raises(UserError, match="offline.*--config.data_path"):
-        data.load_dataset(c)
+        datasets.load(c)
     assert not (tmp_path / "shakespeare_char" / "input.txt").exists()  # no half-written file
 
 
@@ -90,4 +90,4 @@ def test_text_shorter_than_a_block_is_an_error(tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("abcdefghij" * 3)
     with pytest.raises(UserError, match="smaller block_size"):
-        data.load_dataset(tiny(path))
+        datasets.load(tiny(path))

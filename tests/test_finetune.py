@@ -1,6 +1,7 @@
 """Runs that start from weights (finetuning), eval_only, sample.py --init_from, and the data
 side: nanoGPT's `shakespeare` (BPE) dataset, a char vocabulary shared by two runs."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt import checkpoint, data, training
+from jaxgpt import checkpoint, datasets, pretrained, training
 from jaxgpt import tokenizer as tokenizers
 from jaxgpt.config import base_config
 from jaxgpt.errors import UserError
@@ -52,9 +53,9 @@ def test_init_from_workdir_starts_at_step_0_with_its_params(pretrained_workdir, 
     text = tmp_path / "other.txt"
     text.write_text(synthetic_text(8000, seed=5))  # a different text over the same characters
     config = finetune_config(text, pretrained_workdir)
-    config, _, state, resumed, ckpt = training.starting_point(config, tmp_path / "ft")
-    ckpt.close()
-    source = checkpoint.load_run(pretrained_workdir)
+    with contextlib.ExitStack() as stack:  # closes the checkpoint manager it opens
+        config, _, state, resumed, _ = training.starting_point(config, tmp_path / "ft", stack)
+    source = pretrained.load_run(pretrained_workdir)
     assert resumed is None and int(state.step) == 0 and source.step == 10
     assert (config.n_layer, config.n_embd, config.block_size) == (2, 32, 16)  # from the weights
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(source.params), strict=True):
@@ -99,7 +100,7 @@ def test_finetune_hf_gpt2_then_sample_both(tmp_path):
     text.write_text(synthetic_text(6000))
     training.train(finetune_config(text, hf, dataset="shakespeare"), tmp_path / "ft")
     assert [e["step"] for e in events(tmp_path / "ft", "eval")] == [0, 2]
-    assert checkpoint.load_run(tmp_path / "ft").step == 2
+    assert pretrained.load_run(tmp_path / "ft").step == 2
 
     r = _sample("--workdir", tmp_path / "ft", "--start", " the cat")
     assert r.returncode == 0, r.stderr
@@ -119,27 +120,27 @@ def test_shakespeare_is_the_text_in_bpe_split_by_characters(tmp_path, monkeypatc
     monkeypatch.setattr(tokenizers, "_gpt2_encoding", byte_encoding)  # GPT-2's needs a download
     text = synthetic_text(3000)
     (tmp_path / "input.txt").write_text(text)
-    ds = data.load_dataset(tiny(tmp_path / "input.txt", dataset="shakespeare"))
+    ds = datasets.load(tiny(tmp_path / "input.txt", dataset="shakespeare"))
     n = int(0.9 * len(text))
     assert ds.tokenizer.kind == "gpt2"
     assert ds.tokenizer.decode(ds.train) == text[:n] and ds.tokenizer.decode(ds.val) == text[n:]
     with pytest.raises(UserError, match="'shakespeare' is BPE but init_from=.*characters"):
-        data.load_dataset(tiny(tmp_path / "input.txt", dataset="shakespeare"),
+        datasets.load(tiny(tmp_path / "input.txt", dataset="shakespeare"),
                           tokenizers.CharTokenizer.from_text(text))
     with pytest.raises(UserError, match="'char' is character-level but .* GPT-2 BPE"):
-        data.load_dataset(tiny(tmp_path / "input.txt"), ds.tokenizer)
+        datasets.load(tiny(tmp_path / "input.txt"), ds.tokenizer)
 
 
 def test_vocab_path_makes_one_char_vocabulary_for_two_texts(tmp_path):
     (tmp_path / "big.txt").write_text(synthetic_text(3000))
     (tmp_path / "small.txt").write_text("$&" + synthetic_text(3000, seed=1).upper())
-    big = data.load_dataset(tiny(tmp_path / "big.txt"))
+    big = datasets.load(tiny(tmp_path / "big.txt"))
     with pytest.raises(UserError, match=r"'\$', '&', 'A'.*--config.vocab_path=<this text>"):
-        data.load_dataset(tiny(tmp_path / "small.txt"), big.tokenizer)
-    shared = data.load_dataset(tiny(tmp_path / "big.txt", vocab_path=str(tmp_path / "small.txt")))
+        datasets.load(tiny(tmp_path / "small.txt"), big.tokenizer)
+    shared = datasets.load(tiny(tmp_path / "big.txt", vocab_path=str(tmp_path / "small.txt")))
     both = (tmp_path / "big.txt").read_text() + (tmp_path / "small.txt").read_text()
     assert shared.tokenizer.chars == sorted(set(both))
-    small = data.load_dataset(tiny(tmp_path / "small.txt"), shared.tokenizer)
+    small = datasets.load(tiny(tmp_path / "small.txt"), shared.tokenizer)
     assert small.tokenizer is shared.tokenizer
     assert shared.tokenizer.decode(np.concatenate([small.train, small.val])) == \
         (tmp_path / "small.txt").read_text()

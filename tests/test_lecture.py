@@ -9,8 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt.model import (GPT, Block, CausalSelfAttention, FeedForward, GPTConfig, Head,
-                          MultiHeadAttention, weighted_average)
+from jaxgpt.model import (
+    GPT,
+    Block,
+    CausalSelfAttention,
+    FeedForward,
+    GPTConfig,
+    Head,
+    MultiHeadAttention,
+    weighted_average,
+)
 
 CFG = GPTConfig(block_size=8, vocab_size=19, n_layer=2, n_head=2, n_embd=16)
 MIXERS = [Head, MultiHeadAttention, CausalSelfAttention, Block]  # modules that mix positions

@@ -2,15 +2,17 @@
 gpt.py's logits (a numpy transcription of its modules below), its parameter count, its init,
 its AdamW and its loop."""
 
+import json
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import flax.linen as nn
 
 from configs import lecture, lecture_cpu
-from jaxgpt import checkpoint, optim, training
+from jaxgpt import optim, pretrained, training
 from jaxgpt.config import validate
 from jaxgpt.convert import from_lecture
 from jaxgpt.errors import UserError
@@ -174,21 +176,19 @@ def test_lm_head_bias_needs_an_untied_head():
         GPTConfig(**SIZES, lm_head_bias=True)
 
 
-@pytest.mark.parametrize("before, evals", [(True, [0, 10, 19]), (False, [0, 10, 20])])
-def test_the_lectures_loop_evaluates_before_the_last_step(text_file, tmp_path, before, evals,
-                                                          capsys):
-    import json
-
-    c = tiny(text_file, eval_before_last_step=before, max_iters=20, steps_per_call=4,
-             param_count="all" if before else "nanogpt")
+def test_the_lectures_loop_evaluates_before_the_last_step(text_file, tmp_path, capsys):
+    """End to end (every case of the schedule: tests/test_schedule.py; nanoGPT's loop:
+    test_training.py::test_metrics_jsonl_has_the_contracted_keys_and_nanogpts_lr)."""
+    c = tiny(text_file, eval_before_last_step=True, max_iters=20, steps_per_call=4,
+             param_count="all")
     state = training.train(c, tmp_path)
-    assert int(state.step) == 20  # max_iters steps either way
+    assert int(state.step) == 20  # max_iters steps, the last after the last eval
     events = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in events if e["event"] == "eval"] == evals
+    assert [e["step"] for e in events if e["event"] == "eval"] == [0, 10, 19]
     assert [e["step"] for e in events if e["event"] == "train"] == list(range(20))
     out = capsys.readouterr()
-    assert ("M parameters (devices" in out.out + out.err) == before
-    assert checkpoint.load_run(tmp_path, "latest").step == 20  # the final state is kept
+    assert " M parameters (devices" in out.out + out.err  # gpt.py's count and wording
+    assert pretrained.load_run(tmp_path, "latest").step == 20  # the final state is kept
 
 
 @pytest.mark.parametrize("recipe", [lecture, lecture_cpu])

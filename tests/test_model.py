@@ -10,9 +10,19 @@ import pytest
 
 from configs import shakespeare
 from jaxgpt.errors import UserError
-from jaxgpt.model import (GPT, BigramLanguageModel, Block, CausalSelfAttention, FeedForward,
-                          GPTConfig, Head, MultiHeadAttention, count_params, make_model,
-                          weighted_average)
+from jaxgpt.model import (
+    GPT,
+    BigramLanguageModel,
+    Block,
+    CausalSelfAttention,
+    FeedForward,
+    GPTConfig,
+    Head,
+    MultiHeadAttention,
+    count_params,
+    make_model,
+    weighted_average,
+)
 
 CFG = GPTConfig(block_size=16, vocab_size=23, n_layer=2, n_head=4, n_embd=32)
 
@@ -107,7 +117,7 @@ def test_fused_kernel_equals_explicit_softmax():
 def test_loss_at_init_is_about_ln_vocab(model):
     """At init every token is about equally likely: loss ~ -ln(1/vocab) (the lecture's check)."""
     from jaxgpt.config import base_config
-    from jaxgpt.training import cross_entropy
+    from jaxgpt.step import cross_entropy
     c = base_config()
     c.update(model=model, block_size=32, n_layer=2, n_head=2, n_embd=32)
     m = make_model(c, vocab_size=65)

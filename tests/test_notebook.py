@@ -14,7 +14,7 @@ import pytest
 jupytext = pytest.importorskip("jupytext")
 nbclient = pytest.importorskip("nbclient")
 
-from tests.conftest import SHAKESPEARE
+from tests.conftest import SHAKESPEARE  # noqa: E402  after the importorskips
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SOURCE, NOTEBOOK = DOCS / "lets_build_gpt.py", DOCS / "lets_build_gpt.ipynb"
@@ -64,14 +64,18 @@ def test_every_cell_runs(tmp_path, monkeypatch):
 
 
 def test_lecture_table_names_code_and_tests_that_exist():
-    """docs/lecture.md and the notebook cite `module.name` and `test_x.py::test_y`: all exist."""
-    text = (DOCS / "lecture.md").read_text() + SOURCE.read_text()
+    """docs/lecture.md, the notebook and README cite `module.name` and `test_x.py::test_y`:
+    all exist."""
+    text = ((DOCS / "lecture.md").read_text() + SOURCE.read_text()
+            + (DOCS.parent / "README.md").read_text())
     tests = set(re.findall(r"(test_\w+\.py)::(test_\w+)", text))
     assert len(tests) > 20
     for file, name in tests:
         assert f"def {name}(" in (DOCS.parent / "tests" / file).read_text(), f"{file}::{name}"
-    modules = "model|data|tokenizer|training|optim|sampling|plot|bench|checkpoint"
+    modules = ("model|data|datasets|batches|tokenizer|step|training|hooks|optim|"
+               "sampling|plot|bench|checkpoint|pretrained|convert|parallel")
     code = set(re.findall(rf"`(?:jaxgpt\.)?({modules})\.(\w+)(?![\w(])", text))  # no calls
     assert len(code) > 15
-    for module, name in code:
+    files = {"py", "json", "jsonl", "bin", "txt", "png", "pt", "pkl", "safetensors"}
+    for module, name in code - {(m, n) for m, n in code if n in files}:  # model.safetensors
         assert hasattr(importlib.import_module(f"jaxgpt.{module}"), name), f"{module}.{name}"

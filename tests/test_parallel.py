@@ -18,7 +18,6 @@ import pytest
 
 from jaxgpt import prepare
 from jaxgpt import tokenizer as tokenizers
-
 from tests.conftest import byte_encoding, synthetic_text
 
 WORKER = Path(__file__).with_name("parallel_worker.py")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxgpt import checkpoint, preemption, training
+from jaxgpt import checkpoint, preemption, pretrained, training
 from tests.conftest import tiny
 from tests.test_parallel import _free_port
 
@@ -127,7 +127,7 @@ def test_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(tmp_path, tex
     assert "interrupted: saving a checkpoint" in out
     # whatever the second Ctrl-C cut short, a complete checkpoint remains and loads
     assert 100 in checkpoint.make_manager(workdir, read_only=True).all_steps()
-    run = checkpoint.load_run(workdir, checkpoint="latest")
+    run = pretrained.load_run(workdir, "latest")
     assert run.step >= 100
 
 
@@ -166,7 +166,7 @@ def test_a_stop_during_an_eval_resumes_with_that_eval(tmp_path, text_file, monke
         def on_call_then_signal(done, total, seconds):
             if len(evals) == 2 and done == 1:  # step 10's eval, after its first call
                 os.kill(os.getpid(), signal.SIGTERM)
-            on_call(done, total, seconds)
+            return on_call(done, total, seconds)  # True: stop the eval here
 
         return real(s, params, key, on_call_then_signal)
 

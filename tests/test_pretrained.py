@@ -56,7 +56,10 @@ def write_hf_gpt2(d, seed=0, bpe=True) -> dict:
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)
-    r = lambda *shape: rng.normal(0, 0.2, shape).astype(np.float32)
+
+    def r(*shape):
+        return rng.normal(0, 0.2, shape).astype(np.float32)
+
     w = {"wte.weight": r(VOCAB, C), "wpe.weight": r(N_POS, C),
          "ln_f.weight": 1 + r(C), "ln_f.bias": r(C)}
     conv1d = {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, 4 * C),

@@ -44,6 +44,22 @@ def test_cached_greedy_equals_naive(kind, T, new):
 
 
 @pytest.mark.parametrize("kind", ["fused", "heads"])
+def test_the_lectures_loop_is_the_naive_rule_and_samples_as_the_cache(kind):
+    """sampling.generate_uncached (the lecture's generate, in the library) is this file's
+    naive loop under argmax, and with temperature and top-k draws the same tokens as the
+    cached sampler from the same keys, inside and past the window."""
+    model, params = make(kind)
+    idx = jax.random.randint(jax.random.PRNGKey(5), (2, 3), 0, VOCAB)  # (B, T)
+    new = BLOCK + 4  # crosses the window
+    greedy = sampling.generate_uncached(model, params, idx, new, rng=jax.random.PRNGKey(0),
+                                        temperature=0)
+    np.testing.assert_array_equal(greedy, naive_greedy(model, params, idx, new))
+    kw = dict(rng=jax.random.PRNGKey(3), temperature=1.5, top_k=5)
+    np.testing.assert_array_equal(sampling.generate_uncached(model, params, idx, new, **kw),
+                                  sampling.generate(model, params, idx, new, **kw))
+
+
+@pytest.mark.parametrize("kind", ["fused", "heads"])
 def test_cached_logits_equal_full_forward(kind):
     """Prefill 3 tokens, then one token at a time: every position's logits match the full
     forward's to 1e-5 (float32; only the summation order differs)."""

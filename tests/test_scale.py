@@ -11,29 +11,29 @@ import numpy as np
 import pytest
 
 from configs import gpt2
+from jaxgpt import batches, datasets, parallel, prepare
 from jaxgpt import config as config_lib
-from jaxgpt import data as data_lib
-from jaxgpt import parallel, prepare, training
+from jaxgpt import step as step_lib
 from jaxgpt import tokenizer as tokenizers
+from jaxgpt.data import Dataset
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT, GPTConfig, count_params, make_model, resolve_dtype
 from jaxgpt.tokenizer import BPETokenizer
-
 from tests.conftest import byte_encoding, tiny
 
 
 def _setup(config):
-    dataset = data_lib.load_dataset(config)
+    dataset = datasets.load(config)
     model = make_model(config, dataset.tokenizer.vocab_size)
     mesh = parallel.make_mesh(config)
-    return dataset, model, mesh, training.create_train_state(config, model, mesh)
+    return dataset, model, mesh, step_lib.create_train_state(config, model, mesh)
 
 
 def test_gradient_accumulation_k_by_b_equals_one_batch_of_k_times_b(tiny_config):
     """nanoGPT's semantics: 4 micro-batches of 2 step exactly like one batch of 8."""
     dataset, _, _, state = _setup(tiny_config)
-    x, y = data_lib.get_batch(jnp.asarray(dataset.train), jax.random.PRNGKey(0), 8, 16)  # (8, T)
-    step = jax.jit(training.train_step)
+    x, y = batches.get_batch(jnp.asarray(dataset.train), jax.random.PRNGKey(0), 8, 16)  # (8, T)
+    step = jax.jit(step_lib.train_step)
     key = jax.random.PRNGKey(1)
     big, big_m = step(state, (x[None], y[None]), key)  # (1, 8, T)
     acc, acc_m = step(state, (x.reshape(4, 2, 16), y.reshape(4, 2, 16)), key)  # (4, 2, T)
@@ -46,10 +46,10 @@ def test_gradient_accumulation_k_by_b_equals_one_batch_of_k_times_b(tiny_config)
 def _losses(config, steps=4):
     """Losses of `steps` optimizer steps on the same batches whatever the config."""
     dataset, _, _, state = _setup(config)
-    step = jax.jit(training.train_step)
+    step = jax.jit(step_lib.train_step)
     losses = []
     for i in range(steps):
-        x, y = data_lib.get_batch(jnp.asarray(dataset.train), jax.random.PRNGKey(i), 8, 16)
+        x, y = batches.get_batch(jnp.asarray(dataset.train), jax.random.PRNGKey(i), 8, 16)
         state, metrics = step(state, (x[None], y[None]), jax.random.PRNGKey(0))  # (1, B, T)
         losses.append(float(metrics["loss"]))
     return np.array(losses), state
@@ -121,7 +121,7 @@ def test_remat_gives_the_same_grads():
     params = plain.init(jax.random.PRNGKey(1), idx)["params"]
 
     def grads(model):
-        loss = lambda p: training.cross_entropy(model.apply({"params": p}, idx), idx)  # noqa: E731
+        loss = lambda p: step_lib.cross_entropy(model.apply({"params": p}, idx), idx)  # noqa: E731
         return jax.jit(jax.grad(loss))(params)
 
     for g1, g2 in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat))):
@@ -149,7 +149,7 @@ def test_prepare_bpe_writes_nanogpt_bins(tmp_path):
     assert meta["tokenizer"] == {"kind": "gpt2"} and not list((tmp_path / "out").glob("*.part"))
 
     config = tiny(dataset="owt", data_dir=str(tmp_path / "out"), block_size=4)
-    dataset = data_lib.load_dataset(config)
+    dataset = datasets.load(config)
     assert dataset.on_host and isinstance(dataset.train, np.memmap)
     assert dataset.tokenizer.vocab_size == 50257  # GPT-2's, known without loading its tables
 
@@ -167,9 +167,9 @@ def test_prepare_cli_and_errors(tmp_path, monkeypatch):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "expected SOURCE OUT_DIR" in r.stderr
     with pytest.raises(UserError, match="no train.bin/val.bin"):
-        data_lib.load_dataset(tiny(dataset="openwebtext", data_dir=str(tmp_path / "nothing")))
+        datasets.load(tiny(dataset="openwebtext", data_dir=str(tmp_path / "nothing")))
     # data_dir/DATASET also works (nanoGPT's data/openwebtext layout)
-    assert data_lib.load_dataset(tiny(dataset="owt", data_dir=str(tmp_path), block_size=4)).on_host
+    assert datasets.load(tiny(dataset="owt", data_dir=str(tmp_path), block_size=4)).on_host
 
 
 def test_large_text_files_are_read_in_pieces(tmp_path):
@@ -184,21 +184,21 @@ def test_local_batches_compose_into_the_global_batch():
     """Any split of the rows over processes reads exactly the global batch's rows, and the
     global batch depends on (seed, step) only."""
     data = np.arange(1000, dtype=np.uint16)
-    full_x, full_y = data_lib.local_batch(data, (1, 0), 7, (2, 8), 16, np.arange(8))  # (A, B, T)
+    full_x, full_y = batches.local_batch(data, (1, 0), 7, (2, 8), 16, np.arange(8))  # (A, B, T)
     assert full_x.shape == (2, 8, 16) and full_x.dtype == np.int32
     np.testing.assert_array_equal(full_x[..., 1:], full_y[..., :-1])  # y is x shifted by one
     rows = np.array([2, 3, 6, 7])
-    part_x, _ = data_lib.local_batch(data, (1, 0), 7, (2, 8), 16, rows)
+    part_x, _ = batches.local_batch(data, (1, 0), 7, (2, 8), 16, rows)
     np.testing.assert_array_equal(part_x, full_x[:, rows])
-    other, _ = data_lib.local_batch(data, (1, 0), 8, (2, 8), 16, np.arange(8))
+    other, _ = batches.local_batch(data, (1, 0), 8, (2, 8), 16, np.arange(8))
     assert not np.array_equal(other, full_x)
 
 
 def test_host_batches_prefetch_in_step_order():
     data = np.arange(5000, dtype=np.uint16)
     config = tiny(seed=0, gradient_accumulation_steps=2, batch_size=4, block_size=8)
-    dataset = data_lib.Dataset(train=data, val=data, tokenizer=None, on_host=True)
-    loader = data_lib.batches(dataset, config, parallel.make_mesh(config))
+    dataset = Dataset(train=data, val=data, tokenizer=None, on_host=True)
+    loader = batches.make(dataset, config, parallel.make_mesh(config))
     try:
         x, y = loader.train_data(0, 3)  # (n, A, B, T)
         x2, _ = loader.train_data(3, 2)
@@ -206,7 +206,7 @@ def test_host_batches_prefetch_in_step_order():
     finally:
         loader.close()
     assert x.shape == (3, 2, 4, 8) and x2.shape == (2, 2, 4, 8)
-    expected, _ = data_lib.local_batch(data, (0, 0), 4, (2, 4), 8, np.arange(4))
+    expected, _ = batches.local_batch(data, (0, 0), 4, (2, 4), 8, np.arange(4))
     np.testing.assert_array_equal(x2[1], expected)
     np.testing.assert_array_equal(again[0], x[1])
 

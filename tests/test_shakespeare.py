@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxgpt import data
+from jaxgpt import datasets
 from tests.conftest import SHAKESPEARE, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ needs_text = pytest.mark.skipif(not SHAKESPEARE, reason="set JAXGPT_SHAKESPEARE 
 def test_the_lectures_dataset_figures():
     """The lecture prints: 1,115,394 characters, 65 of them distinct, split 90 / 10."""
     config = tiny(SHAKESPEARE, dataset="shakespeare_char")
-    ds = data.load_dataset(config)
+    ds = datasets.load(config)
     assert ds.tokenizer.vocab_size == 65
     assert "".join(ds.tokenizer.itos[i] for i in range(65)) == (
         "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")

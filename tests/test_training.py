@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgpt import data, optim, training
+from jaxgpt import batches, datasets, optim, pretrained, training
+from jaxgpt import step as step_lib
 from jaxgpt.errors import UserError
 from jaxgpt.model import make_model
 from jaxgpt.parallel import make_mesh
@@ -38,15 +39,18 @@ def test_a_few_steps_learn_a_repeated_text(tmp_path):
     assert evals[-1]["val_loss"] < 0.5 * evals[0]["val_loss"]
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(dropout=0.1, steps_per_call=3)])
-def test_same_seed_same_losses(tmp_path, text_file, overrides):
-    runs = []
-    for name in ("a", "b"):
-        training.train(tiny(text_file, max_iters=6, **overrides), tmp_path / name)
-        runs.append([e["loss"] for e in _events(tmp_path / name, "train")])
-    assert len(runs[0]) == 6 and runs[0] == runs[1]
-    training.train(tiny(text_file, max_iters=6, seed=7, **overrides), tmp_path / "c")
-    assert [e["loss"] for e in _events(tmp_path / "c", "train")] != runs[0]
+def test_same_seed_same_losses_whatever_steps_per_call(tmp_path, text_file):
+    """With dropout (the most randomness a step draws): the same seed gives the same losses
+    bit for bit, another seed others, and k steps in one scanned call are the same k steps as
+    k separate calls."""
+    def losses(name, **overrides):
+        training.train(tiny(text_file, max_iters=6, dropout=0.1, **overrides), tmp_path / name)
+        return [e["loss"] for e in _events(tmp_path / name, "train")]
+
+    a = losses("a", steps_per_call=3)
+    assert len(a) == 6 and losses("b", steps_per_call=3) == a
+    assert losses("c", steps_per_call=3, seed=7) != a
+    np.testing.assert_allclose(losses("d", steps_per_call=1), a, rtol=1e-5)
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(dropout=0.1, gradient_accumulation_steps=2)])
@@ -59,7 +63,7 @@ def test_losses_equal_a_loop_written_out(tmp_path, text_file, overrides):
     training.train(c, tmp_path)
     got = [e["loss"] for e in _events(tmp_path, "train")]
 
-    dataset = data.load_dataset(c)
+    dataset = datasets.load(c)
     model = make_model(c, dataset.tokenizer.vocab_size)
     init_rng, run_rng = jax.random.split(jax.random.PRNGKey(c.seed))
     params = model.init(init_rng, jnp.zeros((1, c.block_size), jnp.int32))["params"]
@@ -74,7 +78,7 @@ def test_losses_equal_a_loop_written_out(tmp_path, text_file, overrides):
     want = []
     for step in range(c.max_iters):
         data_key, dropout_key = jax.random.split(jax.random.fold_in(run_rng, step))
-        x, y = data.get_batch(jnp.asarray(dataset.train), data_key, A * B, c.block_size)
+        x, y = batches.get_batch(jnp.asarray(dataset.train), data_key, A * B, c.block_size)
         keys = jax.random.split(dropout_key, A)
         outs = [jax.value_and_grad(loss)(params, x[a * B:(a + 1) * B], y[a * B:(a + 1) * B],
                                          keys[a]) for a in range(A)]
@@ -85,43 +89,37 @@ def test_losses_equal_a_loop_written_out(tmp_path, text_file, overrides):
     np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
-def test_logged_lr_is_nanogpts_get_lr(tmp_path, text_file):
-    c = tiny(text_file, max_iters=12, warmup_iters=4, lr_decay_iters=None)
-    training.train(c, tmp_path)
-    for e in _events(tmp_path, "train") + _events(tmp_path, "eval"):
-        want = nanogpt_get_lr(e["step"], c.learning_rate, 4, 12, c.min_lr)  # decay: max_iters
-        assert e["lr"] == pytest.approx(want, rel=1e-5)
-
-
-def test_steps_per_call_does_not_change_the_run(tmp_path, text_file):
-    """k steps in one scanned call are the same k steps as k separate calls."""
-    losses = []
-    for k in (1, 4):
-        training.train(tiny(text_file, max_iters=8, steps_per_call=k), tmp_path / str(k))
-        losses.append([e["loss"] for e in _events(tmp_path / str(k), "train")])
-    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
-
-
-def test_metrics_jsonl_has_the_contracted_keys(tmp_path, tiny_config):
-    training.train(tiny_config, tmp_path)
+def test_metrics_jsonl_has_the_contracted_keys_and_nanogpts_lr(tmp_path, text_file, capsys):
+    """One run of nanoGPT's loop: the contracted keys, an eval every eval_interval and after
+    the last step, a train line per step, the logged lr = nanoGPT's get_lr, nanoGPT's
+    parameter count printed, the final state kept."""
+    c = tiny(text_file, max_iters=20, warmup_iters=4, lr_decay_iters=None, steps_per_call=4)
+    state = training.train(c, tmp_path)
     train, evals = _events(tmp_path, "train"), _events(tmp_path, "eval")
     assert {"step", "loss", "lr", "step_ms", "tokens_per_sec"} <= train[0].keys()
     assert {"step", "train_loss", "val_loss"} <= evals[0].keys()
     assert [e["step"] for e in evals] == [0, 10, 20]
+    assert [e["step"] for e in train] == list(range(20)) and int(state.step) == 20
+    for e in train + evals:
+        want = nanogpt_get_lr(e["step"], c.learning_rate, 4, 20, c.min_lr)  # decay: max_iters
+        assert e["lr"] == pytest.approx(want, rel=1e-5)
+    out = capsys.readouterr()
+    assert "number of parameters: 0.03M (devices" in out.out + out.err
+    assert pretrained.load_run(tmp_path, "latest").step == 20
 
 
 def test_train_step_is_optax_on_jax_grad(text_file):
     """train_step's update equals optax applied by hand to jax.grad of the loss."""
     c = tiny(text_file, grad_clip=0.0)
     model = make_model(c, vocab_size=20)
-    state = training.create_train_state(c, model, make_mesh(c))
+    state = step_lib.create_train_state(c, model, make_mesh(c))
     x = jax.random.randint(jax.random.PRNGKey(0), (1, 4, 16), 0, 20)
     y = jnp.roll(x, -1, axis=-1)
     key = jax.random.PRNGKey(1)
-    grads = jax.grad(training.loss_fn)(state.params, state.apply_fn, x[0], y[0],
+    grads = jax.grad(step_lib.loss_fn)(state.params, state.apply_fn, x[0], y[0],
                                        jax.random.split(key, 1)[0])
     want = state.apply_gradients(grads=grads)
-    got, metrics = jax.jit(training.train_step)(state, (x, y), key)
+    got, metrics = jax.jit(step_lib.train_step)(state, (x, y), key)
     for a, b in zip(jax.tree.leaves(got.opt_state), jax.tree.leaves(want.opt_state)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)  # Adam's moments: linear in g
     for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):

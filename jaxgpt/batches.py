@@ -1,0 +1,184 @@
+"""Batch sources: what feeds the compiled train and eval calls, behind one protocol.
+
+The lecture's `get_batch` draws B random windows of T+1 tokens. Here it runs inside the compiled
+call (`DeviceBatches`: the splits live on the device, each step's batch is drawn from its key),
+or on the host for token files too large for the device (`HostBatches`: np.memmap, a prefetch
+thread). Both give step i's (x, y) through the same two calls, so step.train_steps never knows
+where its batch came from.
+"""
+
+import threading
+from queue import Full, Queue
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgpt import parallel
+from jaxgpt.data import Dataset
+
+
+class BatchSource(Protocol):
+    """What the training loop and the compiled calls ask of a batch source.
+
+    `train_data(step, n)` is the argument of the call that runs steps step..step+n-1 and
+    `train_batch(data, i, key)` (traced inside it) step i's (x, y), each (A, B, T): gradient
+    accumulation, batch, block. `eval_data(split, keys)` / `eval_batch(data, i, key)` do the
+    same for one eval call of len(keys) batches (B, T).
+    """
+
+    eval_iters: int
+
+    def train_data(self, step: int, n: int) -> Any: ...
+    def train_batch(self, data, i, key) -> tuple[jax.Array, jax.Array]: ...
+    def eval_data(self, split: str, keys) -> Any: ...
+    def eval_batch(self, data, i, key) -> tuple[jax.Array, jax.Array]: ...
+    def close(self) -> None: ...
+
+
+def get_batch(data: jax.Array, key: jax.Array, batch_size: int, block_size: int):
+    """B random windows of T+1 tokens: x = w[:, :-1], y = w[:, 1:] (the lecture's get_batch).
+
+    Pure and jittable, so the batch can be drawn inside the compiled train step.
+    """
+    ix = jax.random.randint(key, (batch_size,), 0, data.shape[0] - block_size)  # (B,)
+    window = jax.vmap(lambda i: jax.lax.dynamic_slice(data, (i,), (block_size + 1,)))(ix)
+    window = window.astype(jnp.int32)  # (B, T+1)
+    return window[:, :-1], window[:, 1:]  # (B, T), (B, T)
+
+
+def eval_batches_per_call(eval_iters: int) -> int:
+    """An eval runs as several compiled calls of this many batches (the largest divisor of
+    eval_iters up to 10), so the loop can show its progress and time it early."""
+    return max(d for d in range(1, min(eval_iters, 10) + 1) if eval_iters % d == 0)
+
+
+class DeviceBatches:
+    """Small datasets (a character-level text, a task's examples): both splits replicated on
+    every device, each batch drawn inside the compiled call from the step's key, with no host
+    work between steps. `dataset.draw(data, key, n)` draws n examples (a task's own); by
+    default the lecture's text windows of block_size."""
+
+    def __init__(self, dataset: Dataset, config, mesh):
+        self.splits = {"train": parallel.put_replicated(dataset.train, mesh),
+                       "val": parallel.put_replicated(dataset.val, mesh)}
+        self.accum, self.batch_size = config.gradient_accumulation_steps, config.batch_size
+        self.mesh, self.eval_iters = mesh, config.eval_iters
+        block_size = config.block_size
+        self.draw = dataset.draw or (lambda data, key, n: get_batch(data, key, n, block_size))
+
+    def train_data(self, step: int, n: int):
+        return self.splits["train"]
+
+    def eval_data(self, split: str, keys):
+        return self.splits[split]
+
+    def _draw(self, data, key, shape):
+        x, y = self.draw(data, key, int(np.prod(shape)))  # (A*B, T) each
+        sharding = parallel.batch_sharding(self.mesh, leading=len(shape) - 1)
+        return tuple(jax.lax.with_sharding_constraint(t.reshape(*shape, t.shape[-1]), sharding)
+                     for t in (x, y))
+
+    def train_batch(self, data, i, key):
+        return self._draw(data, key, (self.accum, self.batch_size))  # (A, B, T) each
+
+    def eval_batch(self, data, i, key):
+        return self._draw(data, key, (self.batch_size,))  # (B, T) each
+
+    def close(self):
+        pass
+
+
+def local_batch(data: np.ndarray, seed, step: int, shape, block_size: int, rows: np.ndarray):
+    """Rows `rows` (of the last axis of `shape`) of the global batch of `step`: x, y (..., r, T).
+
+    The window offsets of the whole global batch come from (seed, step) alone, so every process
+    agrees on them and a run with any number of processes sees the same batches.
+    """
+    rng = np.random.default_rng([*np.atleast_1d(seed), step])
+    offsets = rng.integers(0, len(data) - block_size, size=tuple(shape))[..., rows]  # (..., r)
+    window = data[offsets[..., None] + np.arange(block_size + 1)].astype(np.int32)  # (..., r, T+1)
+    return window[..., :-1], window[..., 1:]  # (..., r, T), (..., r, T)
+
+
+class HostBatches:
+    """Token files (np.memmap) too large for the device: batches sampled on the host, a thread
+    `prefetch` steps ahead of the device; each process reads only its rows of the global batch
+    and `make_array_from_process_local_data` assembles it."""
+
+    def __init__(self, dataset: Dataset, config, mesh, prefetch: int = 4):
+        self.splits = {"train": dataset.train, "val": dataset.val}
+        self.seed, self.block_size = config.seed, config.block_size
+        self.shape = (config.gradient_accumulation_steps, config.batch_size)  # (A, B)
+        self.eval_iters = config.eval_iters
+        self.eval_shape = (eval_batches_per_call(config.eval_iters), config.batch_size)
+        self.sharding = parallel.batch_sharding(mesh, leading=2)  # (n, A, B, T): B split
+        self.rows = parallel.local_rows(self.sharding, (1, *self.shape, 1), axis=2)
+        self.eval_sharding = parallel.batch_sharding(mesh, leading=1)  # (E, B, T)
+        self.eval_rows = parallel.local_rows(self.eval_sharding, (*self.eval_shape, 1), axis=1)
+        self.prefetch = prefetch
+        self.thread, self.next_step = None, None
+
+    def _produce(self, step, queue, stop):
+        while not stop.is_set():
+            try:
+                item = local_batch(self.splits["train"], (self.seed, 0), step, self.shape,
+                                   self.block_size, self.rows)
+            except Exception as e:  # noqa: BLE001  surfaces in train_data(), in the loop's thread
+                item = e
+            while not stop.is_set():
+                try:
+                    queue.put(item, timeout=0.1)
+                    break
+                except Full:
+                    pass
+            step += 1
+
+    def _restart(self, step):
+        self.close()
+        self.queue, self.stop = Queue(maxsize=self.prefetch), threading.Event()
+        self.thread = threading.Thread(target=self._produce, args=(step, self.queue, self.stop),
+                                       daemon=True)
+        self.thread.start()
+        self.next_step = step
+
+    def train_data(self, step: int, n: int):
+        """(x, y) for steps step..step+n-1, each a global (n, A, B, T) int32 array."""
+        if self.thread is None or step != self.next_step:  # first call, or a resumed run
+            self._restart(step)
+        items = [self.queue.get() for _ in range(n)]
+        for item in items:
+            if isinstance(item, Exception):
+                raise item
+        self.next_step = step + n
+        shape = (n, *self.shape, self.block_size)
+        return tuple(parallel.put_process_local(np.stack(t), self.sharding, shape)
+                     for t in zip(*items))  # (n, A, r, T) local -> (n, A, B, T) global
+
+    def eval_data(self, split: str, keys):
+        """(x, y), each (E, B, T), the E batches of one eval call: their windows come from the
+        call's first key."""
+        seed = (self.seed, 1, *np.asarray(jax.random.key_data(keys[0])).tolist())
+        local = local_batch(self.splits[split], seed, 0, self.eval_shape, self.block_size,
+                            self.eval_rows)
+        return tuple(parallel.put_process_local(t, self.eval_sharding,
+                                                (*self.eval_shape, self.block_size))
+                     for t in local)
+
+    def train_batch(self, data, i, key):
+        return data[0][i], data[1][i]  # (A, B, T) each
+
+    eval_batch = train_batch  # (B, T) each
+
+    def close(self):
+        """Stop the prefetch thread (the loop calls it when it ends)."""
+        if self.thread is not None:
+            self.stop.set()
+            self.thread.join()
+            self.thread = None
+
+
+def make(dataset: Dataset, config, mesh) -> BatchSource:
+    """The batch source of a dataset: on the host for token files, else on the device."""
+    return (HostBatches if dataset.on_host else DeviceBatches)(dataset, config, mesh)

@@ -1,0 +1,181 @@
+"""Everything under jit: the TrainState, the loss, the train step and the eval step.
+
+The file a reader of the lecture's gpt.py looks for: its training loop body (`get_batch`,
+`model(xb, yb)`, `loss.backward()`, `optimizer.step()`) is `train_step` here, a pure function
+compiled once; `estimate_loss`'s inner loop is `eval_loss`.
+
+Randomness: the run's root key lives in the state; step s uses fold_in(root, s) for its batch
+and its dropout, so the same seed gives the same run and a resumed run the same stream.
+"""
+
+import functools
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from jaxgpt import optim, parallel
+
+
+class TrainState(train_state.TrainState):
+    """step, params, opt_state and the run's root key (+ apply_fn, tx, lr_schedule: static)."""
+
+    rng: jax.Array = flax.struct.field(default=None)
+    lr_schedule: Callable = flax.struct.field(pytree_node=False, default=None)
+
+
+def cross_entropy(logits, targets):
+    """Mean next-token cross-entropy over the targets that are not -1 (torch's ignore_index=-1:
+    a task masks positions it does not score); logits (B, T, V) float32, targets (B, T) int."""
+    keep = targets != -1  # (B, T)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, targets, 0))
+    return jnp.sum(jnp.where(keep, losses, 0.0)) / jnp.maximum(keep.sum(), 1)
+
+
+def loss_fn(params, apply_fn, x, y, dropout_rng):
+    logits = apply_fn({"params": params}, x, deterministic=False,
+                      rngs={"dropout": dropout_rng})  # (B, T, V)
+    return cross_entropy(logits, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# The state: created straight into its shardings, or only its shapes (a restore target)
+
+
+def _init_fn(config, model):
+    """(init, its two keys): the function that builds a fresh TrainState from the seed."""
+    tx = optim.make_optimizer(config)
+    init_rng, run_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    dummy = jnp.zeros((1, config.block_size), jnp.int32)
+
+    def init(init_rng, run_rng):
+        params = model.init(init_rng, dummy)["params"]
+        return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=run_rng,
+                                 lr_schedule=optim.lr_schedule(config))
+
+    return init, (init_rng, run_rng)
+
+
+def abstract_train_state(config, model, mesh) -> TrainState:
+    """The state's shapes, dtypes and shardings on the mesh (ShapeDtypeStructs): nothing is
+    computed. What a checkpoint restores into, and what ahead-of-time compilation lowers."""
+    init, keys = _init_fn(config, model)
+    abstract = jax.eval_shape(init, *keys)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, parallel.state_sharding(abstract, mesh))
+
+
+def create_train_state(config, model, mesh) -> TrainState:
+    """Initialise params and optimizer state directly into their shardings on the mesh."""
+    init, keys = _init_fn(config, model)
+    shardings = parallel.state_sharding(jax.eval_shape(init, *keys), mesh)
+    return jax.jit(init, out_shardings=shardings)(*keys)
+
+
+def with_params(state: TrainState, params) -> TrainState:
+    """`state` (fresh: step 0, a fresh optimizer) holding `params` (numpy or jax arrays) in its
+    own dtypes and shardings, as finetuning starts (nanoGPT's init_from='gpt2*')."""
+    params = jax.tree.map(lambda p, x: jax.device_put(jnp.asarray(p, x.dtype), x.sharding),
+                          params, state.params)
+    return state.replace(params=params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def train_step(state: TrainState, batch, rng):
+    """One optimizer step on batch = (x, y), each (A, B, T): A micro-batches accumulated.
+
+    Gradients are averaged over the A micro-batches (nanoGPT's gradient_accumulation_steps: the
+    effective batch is A*B), then clipped and applied by the optax chain. Returns the new state
+    and this step's {loss, grad_norm, lr}.
+    """
+    x, y = batch  # (A, B, T), (A, B, T)
+    keys = jax.random.split(rng, x.shape[0])  # (A,) one dropout key per micro-batch
+    grad_fn = jax.value_and_grad(loss_fn)
+    if x.shape[0] == 1:
+        loss, grads = grad_fn(state.params, state.apply_fn, x[0], y[0], keys[0])
+    else:
+        def micro_step(grad_sum, inputs):
+            loss, grads = grad_fn(state.params, state.apply_fn, *inputs)
+            return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grad_sum, losses = jax.lax.scan(micro_step, zeros, (x, y, keys))
+        grads = jax.tree.map(lambda g: g / x.shape[0], grad_sum)
+        loss = losses.mean()
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "lr": state.lr_schedule(state.step)}  # the rate this step's update uses
+    return state.apply_gradients(grads=grads), metrics
+
+
+def train_steps(state: TrainState, data, *, train_batch, num_steps: int):
+    """`num_steps` optimizer steps in one compiled call (a lax.scan: no Python between steps).
+
+    `data` is the batch source's `train_data` for these steps and `train_batch(data, i, key)`
+    step i's (x, y): drawn on the device from the step's key, or read from batches the host
+    loaded. Returns the new state and the per-step metrics stacked: (num_steps,) each.
+    """
+    def one_step(state, i):
+        data_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
+        return train_step(state, train_batch(data, i, data_key), dropout_key)
+
+    return jax.lax.scan(one_step, state, jnp.arange(num_steps))
+
+
+def jit_train_steps(state_shardings, train_batch):
+    """The compiled training call: (state, data, num_steps=n) -> (state, metrics), the state
+    donated and kept in its shardings. train.py, the benchmark and every test build it here."""
+    return jax.jit(functools.partial(train_steps, train_batch=train_batch),
+                   static_argnames="num_steps", donate_argnums=0,
+                   out_shardings=(state_shardings, None))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def eval_step(params, apply_fn, x, y):
+    """The loss on one batch x, y (B, T), without dropout."""
+    return cross_entropy(apply_fn({"params": params}, x, deterministic=True), y)
+
+
+def eval_loss(params, data, keys, *, apply_fn, eval_batch):
+    """Mean loss over one batch per key in one compiled call (batch i: eval_batch(data, i,
+    keys[i])); the loop's estimate_loss makes several such calls per split."""
+    def one_batch(_, inputs):
+        return None, eval_step(params, apply_fn, *eval_batch(data, *inputs))
+
+    _, losses = jax.lax.scan(one_batch, None, (jnp.arange(len(keys)), keys))  # (len(keys),)
+    return losses.mean()
+
+
+def jit_eval_loss(apply_fn, eval_batch):
+    """The compiled eval call: (params, data, keys) -> mean loss, one batch per key."""
+    return jax.jit(functools.partial(eval_loss, apply_fn=apply_fn, eval_batch=eval_batch))
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_batch(model):
+    return jax.jit(lambda params, x, y: eval_step(params, model.apply, x, y))
+
+
+def heldout_loss(model, params, tokens, block_size: int, batch_size: int = 64) -> float:
+    """Mean next-token loss over every non-overlapping block_size window of `tokens` (a whole
+    split: for tiny Shakespeare's val split at block 64, 1742 windows, each token once), so two
+    models compare without the sampling noise of estimate_loss's random batches."""
+    tokens = np.asarray(tokens, np.int32)
+    n = (len(tokens) - 1) // block_size  # windows of block_size inputs + their targets
+    x = tokens[:n * block_size].reshape(n, block_size)  # (n, T)
+    y = tokens[1:n * block_size + 1].reshape(n, block_size)  # (n, T)
+    step = _eval_batch(model)
+    total = 0.0
+    for i in range(0, n, batch_size):  # the last, smaller batch compiles once more
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]  # (b, T)
+        total += float(step(params, xb, yb)) * len(xb)  # each window weighs the same
+    return total / n

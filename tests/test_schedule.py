@@ -1,0 +1,97 @@
+"""The loop's schedule, without compiling anything: when it evaluates, how far each call runs.
+
+The reference is nanoGPT's train.py loop (and the lecture's gpt.py loop) written out step by
+step: evaluate at the top of an iteration, stop at max_iters, else take one step.
+"""
+
+import itertools
+
+import pytest
+
+from jaxgpt.training import Schedule
+
+
+def reference_evals(start, max_iters, eval_interval, lecture=False, evaluated=None):
+    """The steps a step-by-step loop evaluates at, from `start` (a resumed run's step)."""
+    evals = []
+    for it in range(start, max_iters + 1):
+        if lecture:  # gpt.py: `if iter % eval_interval == 0 or iter == max_iters - 1`
+            due = (it % eval_interval == 0 or it == max_iters - 1) and it < max_iters
+        else:  # nanoGPT: `if iter_num % eval_interval == 0`, and its last iteration
+            due = it % eval_interval == 0 or it == max_iters
+        if due and it != evaluated:
+            evals.append(it)
+    return evals
+
+
+def run(schedule, start):
+    """(eval steps, calls as (first step, n)) of the events from `start`."""
+    events = list(schedule.events(start))
+    return ([e[1] for e in events if e[0] == "eval"],
+            [(e[1], e[2]) for e in events if e[0] == "train"])
+
+
+CASES = list(itertools.product([1, 7, 10, 12], [1, 3, 4, 5], [1, 2, 3, 8], [False, True]))
+
+
+@pytest.mark.parametrize("max_iters, eval_interval, steps_per_call, lecture", CASES)
+def test_events_match_the_step_by_step_loop(max_iters, eval_interval, steps_per_call, lecture):
+    schedule = Schedule(max_iters, eval_interval, steps_per_call, lecture)
+    evals, calls = run(schedule, 0)
+    assert evals == reference_evals(0, max_iters, eval_interval, lecture)
+    # the calls tile 0..max_iters in order, each at most steps_per_call long
+    assert [s for s, _ in calls] == list(itertools.accumulate([0] + [n for _, n in calls]))[:-1]
+    assert sum(n for _, n in calls) == max_iters
+    assert all(1 <= n <= steps_per_call for _, n in calls)
+    # no call runs across an eval: every eval step is the start or the end of a call
+    bounds = {s for s, _ in calls} | {s + n for s, n in calls}
+    assert set(evals) <= bounds
+
+
+def test_nanogpts_last_eval_is_after_the_last_step():
+    evals, calls = run(Schedule(10, 4), 0)
+    assert evals == [0, 4, 8, 10] and calls[-1] == (9, 1)
+    assert not Schedule(10, 4).saves_last_step(10)  # its last eval saved the final state
+
+
+def test_the_lectures_last_eval_is_before_the_last_step():
+    schedule = Schedule(10, 4, steps_per_call=8, eval_before_last_step=True)
+    evals, calls = run(schedule, 0)
+    assert evals == [0, 4, 8, 9]
+    assert calls == [(0, 4), (4, 4), (8, 1), (9, 1)]  # the step after the last eval still runs
+    assert schedule.saves_last_step(10)  # so the final state is saved without a val loss
+
+
+def test_steps_per_call_not_dividing_eval_interval():
+    evals, calls = run(Schedule(10, 5, steps_per_call=3), 0)
+    assert evals == [0, 5, 10]
+    assert calls == [(0, 3), (3, 2), (5, 3), (8, 2)]
+
+
+@pytest.mark.parametrize("start", [4, 5, 8, 10])
+def test_a_resumed_step_already_evaluated_is_not_evaluated_again(start):
+    schedule = Schedule(10, 4, steps_per_call=2, evaluated=start)
+    evals, calls = run(schedule, start)
+    assert evals == reference_evals(start, 10, 4, evaluated=start)
+    assert start not in evals
+    assert sum(n for _, n in calls) == 10 - start
+
+
+def test_a_step_saved_in_the_middle_of_its_eval_is_evaluated_on_resume():
+    """A preemption during the eval at step 8 saved step 8 without a val loss: evaluated=None."""
+    evals, calls = run(Schedule(10, 4, steps_per_call=2, evaluated=None), 8)
+    assert evals == [8, 10] and calls == [(8, 2)]
+
+
+def test_a_run_resumed_at_or_past_max_iters_trains_no_step():
+    assert run(Schedule(10, 4, evaluated=10), 10) == ([], [])
+    assert run(Schedule(10, 4), 10) == ([10], [])  # saved mid-eval at the end: evaluate only
+    assert run(Schedule(10, 4), 12) == ([], [])  # max_iters lowered below the checkpoint
+    assert run(Schedule(10, 4, eval_before_last_step=True), 10) == ([], [])
+    assert Schedule(10, 4, eval_before_last_step=True).saves_last_step(12)
+
+
+def test_from_config_reads_the_loop_keys(tiny_config):
+    c = tiny_config
+    c.max_iters, c.eval_interval, c.steps_per_call, c.eval_before_last_step = 9, 3, 2, True
+    assert Schedule.from_config(c, evaluated=3) == Schedule(9, 3, 2, True, 3)
