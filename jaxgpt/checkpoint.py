@@ -77,9 +77,12 @@ def _tree(state) -> dict:
 
 
 def abstract_like(state):
-    """ShapeDtypeStructs carrying the shardings of a live state: a restore target."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        state)
+    """ShapeDtypeStructs carrying the shardings of a live state's checkpointed fields: a restore
+    target. The rest (the float16 loss scale, which restarts on resume as nanoGPT's GradScaler
+    does) stays the live state's."""
+    return state.replace(**{k: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), getattr(state, k))
+        for k in STATE_FIELDS})
 
 
 def is_finite(state) -> bool:

@@ -2,7 +2,8 @@
 benchmark's MFU and the training loop's log line use the same figures."""
 
 # Dense (no sparsity) peak TFLOP/s per chip from the vendors' datasheets: NVIDIA H100/H200
-# datasheet (SXM), A100 datasheet, V100 datasheet (no bf16: fp16 tensor-core figure); Google Cloud
+# datasheet (SXM), A100 datasheet, V100 and T4 datasheets (no bf16: fp16 tensor-core figure), L4
+# datasheet (its 242 bf16 figure is with sparsity: half of it dense); Google Cloud
 # TPU system-architecture pages (v4, v5e, v5p, v6e). "float32" on NVIDIA is the TF32 tensor-core
 # figure (XLA's default precision for float32 matmuls on Ampere and later); TPUs run float32
 # matmuls at default precision as bf16 passes, so only the bf16 figure is listed for them.
@@ -12,7 +13,10 @@ PEAK_TFLOPS = (
     ("H100", {"bfloat16": 989.4, "float32": 494.7}),  # SXM
     ("H200", {"bfloat16": 989.4, "float32": 494.7}),
     ("A100", {"bfloat16": 312.0, "float32": 156.0}),  # nanoGPT's estimate_mfu uses 312
-    ("V100", {"float16": 125.0, "float32": 15.7}),
+    ("V100", {"float16": 125.0, "float32": 15.7}),  # SXM2
+    ("T4", {"float16": 65.0, "float32": 8.1}),  # T4 datasheet (Colab's free GPU)
+    ("L40S", {"bfloat16": 362.0, "float16": 362.0, "float32": 183.0}),  # before "L4"
+    ("L4", {"bfloat16": 121.0, "float16": 121.0, "float32": 60.0}),  # L4 datasheet, dense
     ("TPU v4", {"bfloat16": 275.0}),
     ("TPU v5 lite", {"bfloat16": 197.0}),  # v5e
     ("TPU v5e", {"bfloat16": 197.0}),

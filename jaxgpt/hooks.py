@@ -87,10 +87,9 @@ class MetricsLog(Hook):
         extra = {} if call.mfu is None else {"mfu": call.mfu}
         for i in range(call.n):
             if (call.first_step + i) % self.log_interval == 0:
-                self.writer.write("train", call.first_step + i,
-                                  loss=float(call.metrics["loss"][i]),
-                                  grad_norm=float(call.metrics["grad_norm"][i]),
-                                  lr=float(call.metrics["lr"][i]), step_ms=call.step_ms,
+                # loss, grad_norm, lr (+ loss_scale in float16): the step's own metrics
+                own = {k: float(v[i]) for k, v in call.metrics.items()}
+                self.writer.write("train", call.first_step + i, **own, step_ms=call.step_ms,
                                   tokens_per_sec=self.tokens_per_step * 1000 / call.step_ms,
                                   **extra)
 

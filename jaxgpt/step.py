@@ -19,12 +19,54 @@ import optax
 from flax.training import train_state
 
 from jaxgpt import optim, parallel
+from jaxgpt.model import resolve_dtype
+
+# torch.cuda.amp.GradScaler's defaults: init_scale, growth_interval
+INITIAL_LOSS_SCALE = 2.0**15
+LOSS_SCALE_PERIOD = 2000
+
+
+@flax.struct.dataclass
+class LossScale:
+    """float16's loss scale, torch.cuda.amp.GradScaler's rule: the loss is multiplied by `scale`
+    before the backward pass so small gradients do not flush to zero in float16 (whose largest
+    value is 65504, smallest normal 6e-5); a step whose gradients overflow is skipped and halves
+    it, `period` finite steps in a row double it. `dynamic=False` keeps it fixed (no skip).
+
+    (jmp's DynamicLossScale does the same, but validates its leaves when a pytree is rebuilt,
+    which breaks jax.tree.map over the state, e.g. to its shardings.)
+    """
+
+    scale: jax.Array  # () float32
+    good_steps: jax.Array  # () int32: finite steps since the scale last changed
+    dynamic: bool = flax.struct.field(pytree_node=False, default=True)
+    period: int = flax.struct.field(pytree_node=False, default=LOSS_SCALE_PERIOD)
+
+    @classmethod
+    def create(cls, scale: float = INITIAL_LOSS_SCALE, **kw) -> "LossScale":
+        return cls(jnp.float32(scale), jnp.int32(0), **kw)
+
+    def adjust(self, finite) -> "LossScale":
+        if not self.dynamic:
+            return self
+        grow = finite & (self.good_steps + 1 >= self.period)
+        scale = jnp.where(finite, jnp.where(grow, 2 * self.scale, self.scale),
+                          jnp.maximum(self.scale / 2, 1.0))
+        return self.replace(scale=scale, good_steps=jnp.where(finite & ~grow,
+                                                              self.good_steps + 1, 0))
+
+
+def make_loss_scale(config) -> LossScale | None:
+    """Loss scaling for float16 compute; None (no scaling) for float32 and bfloat16."""
+    return LossScale.create() if resolve_dtype(config.dtype) == "float16" else None
 
 
 class TrainState(train_state.TrainState):
-    """step, params, opt_state and the run's root key (+ apply_fn, tx, lr_schedule: static)."""
+    """step, params, opt_state, the run's root key and, in float16, the loss scale (+ apply_fn,
+    tx, lr_schedule: static)."""
 
     rng: jax.Array = flax.struct.field(default=None)
+    loss_scale: LossScale | None = None
     lr_schedule: Callable = flax.struct.field(pytree_node=False, default=None)
 
 
@@ -36,10 +78,12 @@ def cross_entropy(logits, targets):
     return jnp.sum(jnp.where(keep, losses, 0.0)) / jnp.maximum(keep.sum(), 1)
 
 
-def loss_fn(params, apply_fn, x, y, dropout_rng):
+def loss_fn(params, apply_fn, x, y, dropout_rng, loss_scale=None):
+    """(what is differentiated: the loss, times the loss scale in float16; the loss)."""
     logits = apply_fn({"params": params}, x, deterministic=False,
                       rngs={"dropout": dropout_rng})  # (B, T, V)
-    return cross_entropy(logits, y)
+    loss = cross_entropy(logits, y)
+    return (loss if loss_scale is None else loss * loss_scale.scale), loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,6 +99,7 @@ def _init_fn(config, model):
     def init(init_rng, run_rng):
         params = model.init(init_rng, dummy)["params"]
         return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=run_rng,
+                                 loss_scale=make_loss_scale(config),
                                  lr_schedule=optim.lr_schedule(config))
 
     return init, (init_rng, run_rng)
@@ -93,25 +138,40 @@ def train_step(state: TrainState, batch, rng):
 
     Gradients are averaged over the A micro-batches (nanoGPT's gradient_accumulation_steps: the
     effective batch is A*B), then clipped and applied by the optax chain. Returns the new state
-    and this step's {loss, grad_norm, lr}.
+    and this step's {loss, grad_norm, lr} (+ loss_scale in float16).
+
+    float16: the loss is scaled up before the backward pass and the gradients scaled back down;
+    a step whose gradients overflowed (inf / NaN) changes no weight and halves the scale (as
+    torch's GradScaler skips optimizer.step()); its step number still advances.
     """
     x, y = batch  # (A, B, T), (A, B, T)
     keys = jax.random.split(rng, x.shape[0])  # (A,) one dropout key per micro-batch
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    scale = state.loss_scale
     if x.shape[0] == 1:
-        loss, grads = grad_fn(state.params, state.apply_fn, x[0], y[0], keys[0])
+        (_, loss), grads = grad_fn(state.params, state.apply_fn, x[0], y[0], keys[0], scale)
     else:
         def micro_step(grad_sum, inputs):
-            loss, grads = grad_fn(state.params, state.apply_fn, *inputs)
+            (_, loss), grads = grad_fn(state.params, state.apply_fn, *inputs, scale)
             return jax.tree.map(jnp.add, grad_sum, grads), loss
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         grad_sum, losses = jax.lax.scan(micro_step, zeros, (x, y, keys))
         grads = jax.tree.map(lambda g: g / x.shape[0], grad_sum)
         loss = losses.mean()
+    if scale is not None:
+        grads = jax.tree.map(lambda g: g / scale.scale, grads)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": state.lr_schedule(state.step)}  # the rate this step's update uses
-    return state.apply_gradients(grads=grads), metrics
+    new = state.apply_gradients(grads=grads)
+    if scale is not None and scale.dynamic:
+        finite = jnp.isfinite(metrics["grad_norm"])  # any inf / NaN makes the norm one
+        skipped = state.replace(step=state.step + 1)  # the weights and AdamW state unchanged
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, skipped)
+        new = new.replace(loss_scale=scale.adjust(finite))
+    if scale is not None:
+        metrics["loss_scale"] = scale.scale  # the scale this step used
+    return new, metrics
 
 
 def train_steps(state: TrainState, data, *, train_batch, num_steps: int):

@@ -25,7 +25,7 @@ from jaxgpt import data as data_lib
 from jaxgpt import hooks as hooks_lib
 from jaxgpt import metrics as metrics_lib
 from jaxgpt import workdir as workdir_lib
-from jaxgpt.model import count_params, make_model
+from jaxgpt.model import auto_dtype, count_params, make_model, resolve_dtype
 
 # ---------------------------------------------------------------------------------------------
 # Setup: everything the loop needs before its first step
@@ -271,6 +271,8 @@ def _announce(config, s: Setup, state, resumed, workdir, say) -> None:
         say(f"{count_params(state.params, non_embedding=False) / 1e6} M parameters {devices}")
     else:
         say(f"number of parameters: {count_params(state.params) / 1e6:.2f}M {devices}")
+    why = f" (auto: {auto_dtype()[1]})" if config.dtype == "auto" else ""
+    say(f"compute dtype: {resolve_dtype(config.dtype)}{why}")
 
 
 def train(config, workdir) -> step.TrainState:
