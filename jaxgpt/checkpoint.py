@@ -321,7 +321,6 @@ class RunCheckpoints:
         self.good_step = self.manager.latest_step()  # the newest completely written step
         self.writing = None  # the step whose async write is in flight
         self.failed = False
-        self.prune()
         self.best_val = min((v for v in self.metrics.values() if isinstance(v, float)),
                             default=math.inf)
 
@@ -378,6 +377,7 @@ class RunCheckpoints:
         resumed = None
         if latest is not None:
             check_compatible(self.workdir, self.config, tokenizer)
+            self.prune()  # what earlier runs left beyond keep_best + the latest
             state, resumed = restore(self.manager, abstract_like(state))
         write_run_info(self.workdir, self.config, tokenizer)
         return state, resumed

@@ -5,7 +5,7 @@ resume from the same checkpoint and interleave their checkpoints and metrics. Th
 before the run writes anything and released on every exit path (training.train's ExitStack).
 
 The lock is a small JSON file: {host, pid, started, heartbeat, token}, created only if absent:
-  local disk  os.open(O_CREAT | O_EXCL): the file system decides atomically who made it;
+  local disk  os.link of a complete file: the file system decides atomically who made it;
   gs://       an upload with the precondition ifGenerationMatch=0 (gcsfs's mode="create", a
               multipart upload): GCS answers 412 to every creator but the first.
 A lock left by a run that died without releasing it (kill -9, a VM that vanished) must not
@@ -87,12 +87,16 @@ class RunLock:
             except FileExistsError:  # gcsfs's name for 412 Precondition Failed
                 return False
             return True
+        # written beside, then hard-linked into place: link() fails if the name exists, and a
+        # reader never sees the lock empty (an O_EXCL create is visible before its write)
+        tmp = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.tmp")
+        tmp.write_bytes(self._content())
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, self.path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(self._content())
+        finally:
+            tmp.unlink()
         return True
 
     def _read(self) -> dict | None:
