@@ -198,6 +198,13 @@ def remove_partial_steps(workdir) -> list[str]:
     return names
 
 
+def latest_step(workdir) -> int | None:
+    """The newest step in WORKDIR/checkpoints, None if there is none (reads only)."""
+    if not (as_path(workdir) / CHECKPOINT_DIR).is_dir():
+        return None
+    return make_manager(workdir, read_only=True).latest_step()
+
+
 def best_step(workdir_or_manager) -> int | None:
     """The step with the lowest val loss (sample.py's default), None if there is none."""
     losses = val_losses(workdir_or_manager)
@@ -412,5 +419,5 @@ class RunCheckpoints:
         finally:
             try:
                 self.manager.close()
-            except Exception:  # noqa: BLE001  the failure already reported re-raised by close
+            except Exception:  # noqa: BLE001  close waits again, re-raising a reported failure
                 pass

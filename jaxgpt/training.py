@@ -310,7 +310,7 @@ def train(config, workdir) -> step.TrainState:
     except OSError as e:  # metrics, events, run info (a checkpoint's is WriteFailed)
         if not _write_failed(e, workdir):
             raise
-        good = ckpt.good_step if ckpt else None
+        good = ckpt.good_step if ckpt else checkpoint.latest_step(workdir)
         raise UserError(checkpoint.write_failure(f"writing {e.filename or workdir}", e,
                                                  workdir, good)) from None
 

@@ -146,3 +146,14 @@ def test_a_failed_metrics_write_names_the_newest_good_checkpoint(tmp_path, text_
                                         f"10 in {tmp_path}: free space")
     assert checkpoint.make_manager(tmp_path, read_only=True).all_steps() == [10]
     assert not (tmp_path / lock.LOCK_FILE).exists()
+
+
+def test_a_lock_that_cannot_be_written_names_the_newest_checkpoint(trained, monkeypatch):
+    def full(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+
+    monkeypatch.setattr(lock.RunLock, "_create", full)
+    with pytest.raises(UserError, match=r"run.lock failed \(No space left on device\); the "
+                                        r"newest good checkpoint is step 5 in "):
+        training.train(runs.cli_config(trained / "input.txt", max_iters=10, eval_interval=5),
+                       trained / "run")
