@@ -310,3 +310,17 @@ def test_half_written_steps_are_removed_at_the_next_start(tmp_path, capsys):
     run.close()
     assert not partial.exists() and os.listdir(tmp_path / "checkpoints") == ["10"]
     assert "removed 20.orbax-checkpoint-tmp" in capsys.readouterr().err
+
+
+def test_retention_and_partial_steps_on_gcs(gcs):
+    """On an object store a half-written step is one without orbax's commit marker."""
+    from etils import epath
+
+    state = fresh_state(tiny())
+    workdir = "gs://test-bucket/retention"
+    run_evals(workdir, state, [(10, 1.0)])
+    epath.Path(f"{workdir}/checkpoints/20/default/half").write_text("written before a crash")
+    run_evals(workdir, state, [(30, 2.0)])
+    run_evals(workdir, state, [(40, 0.5), (50, 3.0)])  # restarted twice
+    steps = {name.split("/")[2] for name in gcs.objects("retention/checkpoints/")}
+    assert steps == {"40", "50"}  # the best and the latest; 20 removed, 10 and 30 pruned
