@@ -106,7 +106,7 @@ class RunLock:
         except FileNotFoundError:
             return None
         except ValueError:
-            return {}  # half-written by a holder that died mid-write
+            return {}  # damaged: no holder to wait for (its heartbeat reads as long silent)
 
     def _remove(self) -> None:
         try:
@@ -143,7 +143,11 @@ class RunLock:
                     f"gone, pass --config.take_over_lock=True (a lock without heartbeat is "
                     f"taken over after {self.stale_secs:.0f} s)")
             self.warn(f"taking over the lock of {self.path.parent} ({_describe(holder)}): {why}")
-            self._remove()
+            # only the record judged stale: another starter may have taken it over already
+            # (a window of one read, not closed: the takeover of a dead run's lock is rare)
+            again = self._read()
+            if again is not None and again.get("token") == holder.get("token"):
+                self._remove()
         raise UserError(f"could not take the lock {self.path}: other runs keep taking it; "
                         "start only one run on this --workdir")
 
