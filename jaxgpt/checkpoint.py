@@ -5,13 +5,18 @@ workdir as a model to sample: pretrained.load_run).
 Layout:  WORKDIR/config.json  WORKDIR/tokenizer.json  WORKDIR/checkpoints/<step>/...
 
 A checkpoint holds the TrainState's arrays (step, params, opt_state, rng) and the val loss as
-its metric. Kept: the `keep_best` lowest val losses plus the latest (for resume). Orbax writes a
-step into a temporary directory and renames it when complete, and deletes old steps only after
-that, so a crash mid-write never destroys the last good checkpoint.
+its metric. Kept: the `keep_best` lowest val losses plus the latest (for resume), counting the
+steps of earlier runs of the workdir too (`retained`), so a run restarted any number of times
+keeps what a straight run keeps. Orbax writes a step into a temporary directory and renames it
+when complete, and old steps are deleted only after that, so a crash mid-write never destroys
+the last good checkpoint; the temporary directory a crash leaves is removed at the next start.
+A failed write (a full disk, a quota, a permission) ends the run with one line (`WriteFailed`).
 """
 
+import errno
 import json
 import math
+import os
 import sys
 
 import jax
@@ -51,11 +56,13 @@ def make_manager(workdir, keep_best: int = 1, *, read_only: bool = False):
         policies.BestN(get_metric_fn=_val_loss, reverse=True, n=keep_best),  # lowest val loss
     ])
     # lightweight_initialize: don't read every step's metrics at start-up (one damaged file
-    # would make the whole directory unreadable); steps from earlier runs are then kept
-    # (no metrics in memory) rather than risk deleting a good one
+    # would make the whole directory unreadable); steps from earlier runs then have no metrics
+    # in memory and orbax keeps them: RunCheckpoints.prune applies `retained` to them.
+    # cleanup_tmp_directories: orbax's runs in a thread that close() does not wait for (a
+    # traceback at exit when a run stops early): RunCheckpoints removes them itself, at once
     options = ocp.CheckpointManagerOptions(
         best_fn=_val_loss, best_mode="min", preservation_policy=keep, read_only=read_only,
-        enable_async_checkpointing=True, cleanup_tmp_directories=not read_only,
+        enable_async_checkpointing=True, cleanup_tmp_directories=False,
         lightweight_initialize=True, save_interval_steps=0 if read_only else 1,
         create=not read_only)
     return ocp.CheckpointManager(as_path(workdir) / CHECKPOINT_DIR, options=options)
@@ -148,16 +155,57 @@ def restore(workdir_or_manager, abstract_state, step: int | None = None):
         return abstract_state.replace(**tree), s
 
 
-def val_losses(workdir_or_manager) -> dict:
-    """{step: val loss} of the checkpoints whose metrics can be read."""
-    manager = _as_manager(workdir_or_manager)
-    losses = {}
+DAMAGED = "damaged"  # a step whose metrics cannot be read
+
+
+def read_metrics(manager) -> dict:
+    """{step: val loss, None (saved without one: on preemption) or DAMAGED} of every step."""
+    out = {}
     for step in manager.all_steps():
         try:
-            losses[step] = float(_val_loss(manager.metrics(step)))
-        except Exception:  # noqa: BLE001  missing or damaged metrics: restore() reports it
-            continue
-    return losses
+            metrics = manager.metrics(step)
+            out[step] = None if metrics is None else float(_val_loss(metrics))
+        except Exception:  # noqa: BLE001  a missing or half-written metrics file
+            out[step] = DAMAGED
+    return out
+
+
+def val_losses(workdir_or_manager) -> dict:
+    """{step: val loss} of the checkpoints whose metrics can be read."""
+    metrics = read_metrics(_as_manager(workdir_or_manager))
+    return {s: v for s, v in metrics.items() if isinstance(v, float)}
+
+
+def retained(metrics: dict, keep_best: int) -> set:
+    """The steps to keep of {step: val loss | None | DAMAGED}: the `keep_best` lowest val
+    losses and the newest step; when the newest is damaged, also the newest undamaged one
+    (what restore falls back to). A damaged step is kept only while it is the newest."""
+    steps = sorted(metrics, reverse=True)
+    keep = set(steps[:1])
+    if steps and metrics[steps[0]] == DAMAGED:
+        keep.update(next(([s] for s in steps if metrics[s] != DAMAGED), []))
+    losses = {s: v for s, v in metrics.items() if isinstance(v, float)}
+    keep.update(sorted(losses, key=losses.get)[:keep_best])
+    return keep
+
+
+def remove_partial_steps(workdir) -> list[str]:
+    """Delete the step directories a crash left half-written (`<step>.orbax-checkpoint-tmp*`
+    on local disks, steps without a commit marker on object stores). Process 0 only."""
+    directory = as_path(workdir) / CHECKPOINT_DIR
+    if not parallel.is_main_process() or not directory.is_dir():
+        return []
+    names = ocp.path.step.tmp_checkpoints(directory)
+    for name in names:
+        (directory / name).rmtree()
+    return names
+
+
+def latest_step(workdir) -> int | None:
+    """The newest step in WORKDIR/checkpoints, None if there is none (reads only)."""
+    if not (as_path(workdir) / CHECKPOINT_DIR).is_dir():
+        return None
+    return make_manager(workdir, read_only=True).latest_step()
 
 
 def best_step(workdir_or_manager) -> int | None:
@@ -235,18 +283,94 @@ def check_compatible(workdir, config, tokenizer) -> None:
 # The training loop's hooks
 
 
+class WriteFailed(UserError):
+    """A checkpoint could not be written: one line saying what, the newest good step, and
+    what to do (the run's data is safe: the previous checkpoint stays as it was)."""
+
+
+# what a full disk, a quota or a permission raises from a write
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO,
+                errno.EFBIG)
+
+
+def _reason(e: Exception) -> str:
+    """The OS's words when a long storage message holds them ("No space left on device")."""
+    text = " ".join(str(e).split())
+    for code in (getattr(e, "errno", None), *WRITE_ERRNOS):
+        if code and os.strerror(code) in text:
+            return os.strerror(code)
+    return (text[:300] + "...") if len(text) > 300 else text or type(e).__name__
+
+
+def write_failure(what: str, e: Exception, directory, good_step: int | None) -> str:
+    """The one line of a failed write: what failed, why, the newest good checkpoint, what to do."""
+    good = (f"the newest good checkpoint is step {good_step}" if good_step is not None
+            else "no checkpoint was written yet")
+    return (f"{what} failed ({_reason(e)}); {good} in {directory}: free space or fix the "
+            "quota or permission, then run the same command to resume (or point --workdir "
+            "at another place)")
+
+
 class RunCheckpoints:
     """What train() needs: resume or start, then save after each eval, then wait for writes.
 
     nanoGPT's `always_save_checkpoint`: True saves at every eval; False saves only evals that
     improve the val loss, plus the final step (so a finished run can be extended exactly).
+    Retention (`retained`) is applied at start and after each write completes, over every
+    step in the directory, whichever run wrote it.
     """
 
     def __init__(self, config, workdir):
         self.config = config
         self.workdir = as_path(workdir)
+        removed = remove_partial_steps(workdir)
+        if removed:
+            _warn(f"removed {', '.join(removed)}: half-written by a run that stopped mid-save")
         self.manager = make_manager(workdir, config.keep_best)
-        self.best_val = min(val_losses(self.manager).values(), default=math.inf)
+        self.metrics = read_metrics(self.manager)
+        self.good_step = self.manager.latest_step()  # the newest completely written step
+        self.writing = None  # the step whose async write is in flight
+        self.failed = False
+        self.best_val = min((v for v in self.metrics.values() if isinstance(v, float)),
+                            default=math.inf)
+
+    def _guard(self, call, *args, **kwargs):
+        """Call the manager; a failed write (this one or the one in flight) -> WriteFailed."""
+        try:
+            return call(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001  orbax and tensorstore raise ValueError, OSError
+            self.failed = True
+            step = self.writing if self.writing is not None else "?"
+            raise WriteFailed(write_failure(f"writing checkpoint step {step}", e,
+                                            self.manager.directory, self.good_step)) from None
+
+    def wait(self) -> None:
+        """Until the write in flight is on storage; then apply retention."""
+        self._guard(self.manager.wait_until_finished)
+        if self.writing is not None:
+            self.good_step = self.writing
+            self.writing = None
+            self.prune()
+
+    def prune(self) -> None:
+        """Delete the steps `retained` does not keep (the same decision in every process: each
+        reads the same metrics files)."""
+        steps = self.manager.all_steps()
+        known = {s: self.metrics[s] if s in self.metrics else DAMAGED for s in steps}
+        for s in sorted(set(steps) - retained(known, self.config.keep_best)):
+            self._guard(self.manager.delete, s)
+            self.metrics.pop(s, None)
+
+    def _save(self, state, val_loss) -> bool:
+        self.wait()  # orbax's save waits for the previous write too: fail here, with its step
+        step = int(state.step)
+        self.writing = step
+        saved = self._guard(save, self.manager, state, val_loss)
+        if saved:
+            self.metrics[step] = None if val_loss is None else float(val_loss)
+        else:
+            self.writing = None
+        return saved
 
     def start(self, state, tokenizer):
         """The state to train from: restored (init_from resume / auto with a checkpoint) or
@@ -263,6 +387,7 @@ class RunCheckpoints:
         resumed = None
         if latest is not None:
             check_compatible(self.workdir, self.config, tokenizer)
+            self.prune()  # what earlier runs left beyond keep_best + the latest
             state, resumed = restore(self.manager, abstract_like(state))
         write_run_info(self.workdir, self.config, tokenizer)
         return state, resumed
@@ -273,7 +398,7 @@ class RunCheckpoints:
         improved = val < self.best_val
         if int(state.step) == 0 or not (self.config.always_save_checkpoint or improved or final):
             return False
-        saved = save(self.manager, state, val)
+        saved = self._save(state, val)
         if saved and improved:
             self.best_val = val
         return saved
@@ -284,10 +409,18 @@ class RunCheckpoints:
         step = int(state.step)
         if step == 0:
             return False  # nothing trained yet
-        saved = step in self.manager.all_steps() or save(self.manager, state, None)
-        self.manager.wait_until_finished()
+        saved = step in self.manager.all_steps() or self._save(state, None)
+        self.wait()
         return saved
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for the write in flight (WriteFailed if it failed and nobody was told yet),
+        then close the manager's threads."""
+        try:
+            if not self.failed:
+                self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001  close waits again, re-raising a reported failure
+                pass

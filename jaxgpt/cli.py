@@ -1,6 +1,7 @@
 """What every entry point (train.py, sample.py, python -m jaxgpt.*) shares: flag parsing and
 one-line errors."""
 
+import logging as pylogging
 import sys
 
 from absl import app, flags, logging
@@ -10,8 +11,18 @@ from jaxgpt.preemption import Preempted
 
 
 def _fail(message: str):
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    # work abandoned by background threads (orbax's write coroutines after a failed save) is
+    # finalized at interpreter exit, each with an "Exception ignored in" traceback: the line
+    # above said what failed
+    sys.unraisablehook = lambda unraisable: None
     sys.exit(1)
+
+
+def _hide_orbax_errors(record) -> bool:
+    """A failed checkpoint write is logged as an error by each of orbax's background threads,
+    then raised in the main thread, which reports it in one line: drop the thread logs."""
+    return not (record.levelno >= pylogging.ERROR and "orbax" in record.pathname)
 
 
 def _one_line(e: Exception) -> str:
@@ -46,6 +57,7 @@ def run(main, positional=()):
     def wrapped(argv):
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
+            logging.get_absl_logger().addFilter(_hide_orbax_errors)
         try:
             if "config" in flags.FLAGS:  # config files load lazily: surface a bad path here
                 flags.FLAGS.config.keys()

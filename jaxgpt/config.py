@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_only = False
     c.always_save_checkpoint = True
     c.keep_best = 1
+    # one run per workdir (WORKDIR/run.lock): True takes over the lock of a run you know is gone
+    # (a lock whose holder died on this host, or stopped its heartbeat, is taken over anyway)
+    c.take_over_lock = False
     # > 0: a jax.profiler trace of that many steps after warm-up, in WORKDIR
     c.profile_steps = 0
     # nanoGPT's W&B keys (pip install 'jaxgpt[wandb]')

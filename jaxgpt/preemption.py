@@ -22,6 +22,8 @@ import threading
 import jax
 from jax.experimental import multihost_utils
 
+from jaxgpt.errors import UserError
+
 
 class Preempted(Exception):
     """The run stopped early after saving a checkpoint at `step`; `signum` says why."""
@@ -34,6 +36,18 @@ class Preempted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum  # what a shell reports for a process stopped by that signal
+
+
+def check_multiprocess() -> None:
+    """Several processes without jax.distributed (a pod slice started without --distributed):
+    JAX's preemption sync point is then always False and the Python SIGTERM handler is not
+    installed (the sync manager would own SIGTERM), so a SIGTERM would kill the run unsaved."""
+    if jax.process_count() > 1 and not jax.distributed.is_initialized():
+        raise UserError(f"{jax.process_count()} processes but jax.distributed is not "
+                        "initialized, so a preemption (SIGTERM) would stop the run without a "
+                        "checkpoint: start every process with --distributed (TPU pod slices, "
+                        "SLURM, Open MPI) or --coordinator_address, --num_processes and "
+                        "--process_id")
 
 
 class Preemption:

@@ -19,12 +19,23 @@ import jax
 from tqdm import tqdm
 
 from jaxgpt import batches as batches_lib
-from jaxgpt import checkpoint, datasets, parallel, preemption, pretrained, profiling, progress, step
+from jaxgpt import (
+    checkpoint,
+    datasets,
+    lock,
+    parallel,
+    preemption,
+    pretrained,
+    profiling,
+    progress,
+    step,
+)
 from jaxgpt import config as config_lib
 from jaxgpt import data as data_lib
 from jaxgpt import hooks as hooks_lib
 from jaxgpt import metrics as metrics_lib
 from jaxgpt import workdir as workdir_lib
+from jaxgpt.errors import UserError
 from jaxgpt.model import auto_dtype, count_params, make_model, resolve_dtype
 
 # ---------------------------------------------------------------------------------------------
@@ -283,37 +294,62 @@ def train(config, workdir) -> step.TrainState:
     preemption.Preempted is raised (train.py prints it and exits non-zero; the same command
     resumes). `workdir` is a directory or a URL (gs://...): every file goes through epath.
     With config.eval_only: one evaluation of the loaded model (train and val loss), printed and
-    written to the metrics, and no checkpoint.
+    written to the metrics, and no checkpoint. One run per workdir: process 0 holds its lock
+    (lock.py) from before the first write to the end. A failed write ends the run with one
+    line (UserError) naming the newest good checkpoint.
     """
     config_lib.validate(config)  # before any file is touched or anything compiles
     profiling.check(config)
     metrics_lib.check_wandb(config)
+    preemption.check_multiprocess()
     workdir = workdir_lib.prepare(workdir)
+    ckpt = None
+    try:
+        with contextlib.ExitStack() as stack:  # everything opened below, closed on every exit
+            lock.hold(workdir, config.take_over_lock, stack)  # before anything is written
+            config, s, state, resumed, ckpt = starting_point(config, workdir, stack)
+            return _run(config, workdir, s, state, resumed, ckpt, stack)
+    except OSError as e:  # metrics, events, run info (a checkpoint's is WriteFailed)
+        if not _write_failed(e, workdir):
+            raise
+        good = ckpt.good_step if ckpt else checkpoint.latest_step(workdir)
+        raise UserError(checkpoint.write_failure(f"writing {e.filename or workdir}", e,
+                                                 workdir, good)) from None
+
+
+def _write_failed(e: OSError, workdir) -> bool:
+    """A full disk, a quota or a permission; on an object store, any error but a missing
+    object (gcsfs raises plain OSErrors for quota and permission answers)."""
+    if workdir_lib.is_remote(workdir):
+        return not isinstance(e, FileNotFoundError)
+    return e.errno in checkpoint.WRITE_ERRNOS
+
+
+def _run(config, workdir, s: Setup, state, resumed, ckpt, stack: contextlib.ExitStack):
+    """The loop of train(), its hooks and what they open (closed by `stack`)."""
     main = parallel.is_main_process()
     say = tqdm.write if main else (lambda *a, **k: None)
-    with contextlib.ExitStack() as stack:  # everything opened below, closed on every exit
-        config, s, state, resumed, ckpt = starting_point(config, workdir, stack)
-        _announce(config, s, state, resumed, workdir, say)
-        writer = stack.enter_context(contextlib.closing(
-            metrics_lib.Metrics(workdir, config, enabled=main)))
-        bar = stack.enter_context(tqdm(total=config.max_iters, initial=int(state.step),
-                                       disable=not main, dynamic_ncols=True))
-        signals = stack.enter_context(preemption.Preemption())  # handlers while training
-        progress_bar = hooks_lib.ProgressBar(bar)
-        hooks = [hooks_lib.FiniteCheck(), hooks_lib.MetricsLog(writer, config, say), progress_bar,
-                 hooks_lib.CPUTimeWarning(config, say)]
-        if not config.eval_only:
-            hooks += [hooks_lib.Profile(profiling.Profiler(config, workdir, enabled=main, say=say)),
-                      hooks_lib.Checkpoints(ckpt)]
-        # a resumed step with a val loss was evaluated and saved already
-        evaluated = resumed if ckpt and resumed in checkpoint.val_losses(ckpt.manager) else None
-        loop = Loop(s, state, Schedule.from_config(config, evaluated), hooks,
-                    eval_key=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
-                    mfu=progress.MFU(config, count_params(state.params, non_embedding=False),
-                                     s.mesh.devices.size),
-                    signals=signals, progress_bar=progress_bar, ckpt=ckpt, say=say)
-        if config.eval_only:  # nanoGPT's eval_only: the first eval, then exit
-            if not loop.evaluate():
-                loop.stop()
-            return loop.state
-        return loop.run()
+    _announce(config, s, state, resumed, workdir, say)
+    writer = stack.enter_context(contextlib.closing(
+        metrics_lib.Metrics(workdir, config, enabled=main)))
+    bar = stack.enter_context(tqdm(total=config.max_iters, initial=int(state.step),
+                                   disable=not main, dynamic_ncols=True))
+    signals = stack.enter_context(preemption.Preemption())  # handlers while training
+    progress_bar = hooks_lib.ProgressBar(bar)
+    hooks = [hooks_lib.FiniteCheck(), hooks_lib.MetricsLog(writer, config, say), progress_bar,
+             hooks_lib.CPUTimeWarning(config, say)]
+    if not config.eval_only:
+        hooks += [hooks_lib.Profile(profiling.Profiler(config, workdir, enabled=main, say=say)),
+                  hooks_lib.Checkpoints(ckpt)]
+    # a resumed step with a val loss was evaluated and saved already
+    evaluated = resumed if ckpt and resumed in checkpoint.val_losses(ckpt.manager) else None
+    loop = Loop(s, state, Schedule.from_config(config, evaluated), hooks,
+                eval_key=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
+                mfu=progress.MFU(config, count_params(state.params, non_embedding=False),
+                                 s.mesh.devices.size),
+                signals=signals, progress_bar=progress_bar, ckpt=ckpt, say=say)
+    if config.eval_only:  # nanoGPT's eval_only: the first eval, then exit
+        if not loop.evaluate():
+            loop.stop()
+        return loop.state
+    return loop.run()

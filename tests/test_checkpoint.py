@@ -249,3 +249,78 @@ def test_restore_across_device_counts(tmp_path):
     r = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path)], capture_output=True,
                        text=True, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Retention across restarts
+
+
+def test_retained_keeps_the_best_and_the_newest_and_a_damaged_step_only_while_newest():
+    d = checkpoint.DAMAGED
+    assert checkpoint.retained({1: 3.0, 2: 1.0, 3: 2.0, 4: None}, keep_best=1) == {2, 4}
+    assert checkpoint.retained({1: 3.0, 2: 1.0, 3: 2.0}, keep_best=2) == {2, 3}
+    # the newest damaged: kept, with the newest step restore can fall back to
+    assert checkpoint.retained({1: 1.0, 2: 3.0, 3: None, 4: d}, keep_best=1) == {1, 3, 4}
+    assert checkpoint.retained({1: 1.0, 2: d, 3: 2.0}, keep_best=1) == {1, 3}  # not the newest
+    assert checkpoint.retained({}, keep_best=1) == set()
+
+
+def run_evals(workdir, state, evals, keep_best=1):
+    """One run of the loop's checkpoints: a save after each (step, val loss)."""
+    config = tiny(keep_best=keep_best)
+    run = checkpoint.RunCheckpoints(config, workdir)
+    for step, val in evals:
+        run.after_eval(state.replace(step=jnp.asarray(step, state.step.dtype)), {"val": val},
+                       final=False)
+    run.close()
+
+
+@pytest.mark.parametrize("keep_best", [1, 2])
+def test_a_run_restarted_many_times_keeps_what_a_straight_run_keeps(tmp_path, keep_best):
+    state = fresh_state(tiny())
+    evals = list(zip(range(10, 60, 10), [3.0, 1.0, 0.5, 4.0, 2.0], strict=True))
+    run_evals(tmp_path / "straight", state, evals, keep_best)
+    for run in (evals[:1], evals[1:2], evals[2:3], evals[3:]):  # resumed three times
+        run_evals(tmp_path / "restarted", state, run, keep_best)
+        # never more than a straight run would hold at this point
+        assert len(os.listdir(tmp_path / "restarted" / "checkpoints")) <= keep_best + 1
+    straight = sorted(os.listdir(tmp_path / "straight" / "checkpoints"))
+    assert sorted(os.listdir(tmp_path / "restarted" / "checkpoints")) == straight
+    assert len(straight) == keep_best + 1  # the best ones (steps 30, ...) and the latest (50)
+
+
+def test_a_damaged_step_is_dropped_once_a_newer_one_is_saved(tmp_path):
+    state = fresh_state(tiny())
+    run_evals(tmp_path, state, [(10, 1.0), (20, 2.0)])
+    (tmp_path / "checkpoints" / "20" / "metrics" / "metrics").write_text("garbage")
+    run = checkpoint.RunCheckpoints(tiny(), tmp_path)  # a damaged newest step: readable dir
+    assert sorted(run.manager.all_steps()) == [10, 20] and run.best_val == 1.0
+    run.after_eval(state.replace(step=jnp.asarray(30, state.step.dtype)), {"val": 3.0},
+                   final=False)
+    run.close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "30"]
+
+
+def test_half_written_steps_are_removed_at_the_next_start(tmp_path, capsys):
+    state = fresh_state(tiny())
+    run_evals(tmp_path, state, [(10, 1.0)])
+    partial = tmp_path / "checkpoints" / "20.orbax-checkpoint-tmp"
+    (partial / "default").mkdir(parents=True)
+    run = checkpoint.RunCheckpoints(tiny(), tmp_path)
+    run.close()
+    assert not partial.exists() and os.listdir(tmp_path / "checkpoints") == ["10"]
+    assert "removed 20.orbax-checkpoint-tmp" in capsys.readouterr().err
+
+
+def test_retention_and_partial_steps_on_gcs(gcs):
+    """On an object store a half-written step is one without orbax's commit marker."""
+    from etils import epath
+
+    state = fresh_state(tiny())
+    workdir = "gs://test-bucket/retention"
+    run_evals(workdir, state, [(10, 1.0)])
+    epath.Path(f"{workdir}/checkpoints/20/default/half").write_text("written before a crash")
+    run_evals(workdir, state, [(30, 2.0)])
+    run_evals(workdir, state, [(40, 0.5), (50, 3.0)])  # restarted twice
+    steps = {name.split("/")[2] for name in gcs.objects("retention/checkpoints/")}
+    assert steps == {"40", "50"}  # the best and the latest; 20 removed, 10 and 30 pruned

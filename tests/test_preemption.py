@@ -7,6 +7,8 @@ A run is signalled once its metrics.jsonl shows training under way (the handlers
 before the loop starts), and is long enough (400 steps of a tiny model) to be mid-run then.
 """
 
+import ast
+import importlib.util
 import json
 import math
 import os
@@ -38,6 +40,22 @@ def cli_args(text, workdir, **overrides):
             *overrides)
     return [str(ROOT / "train.py"), "--config", str(ROOT / "configs/shakespeare_cpu.py"),
             "--workdir", str(workdir), *(f"--config.{k}={c[k]}" for k in dict.fromkeys(keys))]
+
+
+def cli_config(text, **overrides):
+    """The config cli_args gives train.py, built in this process."""
+    spec = importlib.util.spec_from_file_location("cfg", ROOT / "configs/shakespeare_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    args = cli_args(text, "unused", **overrides)
+    for arg in args[args.index("unused") + 1:]:
+        key, value = arg[len("--config."):].split("=", 1)
+        try:
+            config[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):  # a string: a path, a dataset name
+            config[key] = value
+    return config
 
 
 def start(args, log: Path, devices: int = 1, **env):
