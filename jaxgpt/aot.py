@@ -154,16 +154,19 @@ _ARRAY = re.compile(r"\b(" + "|".join(_ITEMSIZE) + r")\[([\d,]*)\]")
 def collectives(hlo_text: str) -> dict:
     """{op: {"count", "bytes"}} of the collectives in compiled HLO text, each counted once
     where it appears (an op in a loop body runs once per iteration). Bytes are the op's result;
-    an async all-gather / collective-permute start returns (operands, results): the results."""
+    an async all-gather / collective-permute start returns (operands, results[, context
+    scalars]): the results."""
     out = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
     for line in hlo_text.splitlines():
         m = _OP.search(line)
         if not m:
             continue
-        arrays = [math.prod(int(d) for d in dims.split(",") if d) * _ITEMSIZE[t]
-                  for t, dims in _ARRAY.findall(m.group(1))]
+        found = _ARRAY.findall(m.group(1))
         if m.group(3) and m.group(2) in ("all-gather", "collective-permute"):
-            arrays = arrays[len(arrays) // 2:]
+            found = [a for a in found if a[1]]  # without the u32[] context scalars
+            found = found[len(found) // 2:]  # the results, not the operands
+        arrays = [math.prod(int(d) for d in dims.split(",") if d) * _ITEMSIZE[t]
+                  for t, dims in found]
         out[m.group(2)]["count"] += 1
         out[m.group(2)]["bytes"] += sum(arrays)
     return {op: v for op, v in out.items() if v["count"]}

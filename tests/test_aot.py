@@ -169,3 +169,18 @@ def test_train_command_keeps_the_tokens_per_step():
     command = aot.train_command("configs/gpt2.py", config, 96, remat=True)
     assert "--config.batch_size=96 --config.gradient_accumulation_steps=5" in command
     assert command.endswith("--config.remat=True")
+
+
+def test_collectives_are_read_from_the_hlo_text():
+    """Async starts return (operands, results, context scalars): only the results count."""
+    hlo = """
+  %cp = (bf16[4,768]{1,0}, bf16[4,768]{1,0}, u32[], u32[]) collective-permute-start(%x), a={}
+  %ag = (bf16[96,768]{1,0}, bf16[768,768]{1,0}) all-gather-start(%y), dimensions={0}
+  %ag.1 = bf16[768,768]{1,0:T(8,128)(2,1)} all-gather(%w), dimensions={0}
+  %done = bf16[768,768]{1,0} all-gather-done(%ag)
+  ROOT %ar = (f32[10]{0}, bf16[3,5]{1,0}) all-reduce(%z, %v), to_apply=%add
+"""
+    assert aot.collectives(hlo) == {
+        "all-gather": {"count": 2, "bytes": 2 * 768 * 768 * 2},
+        "all-reduce": {"count": 1, "bytes": 10 * 4 + 15 * 2},
+        "collective-permute": {"count": 1, "bytes": 4 * 768 * 2}}
