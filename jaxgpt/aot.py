@@ -1,7 +1,7 @@
 """Before you rent a TPU: compile a recipe for any TPU slice on this machine, no TPU needed.
 
   python -m jaxgpt.aot --config configs/gpt2.py --topology v5litepod-8 [--config.KEY=VALUE ...]
-      [--fit] [--json PATH]
+      [--fit] [--only_train] [--json PATH]
 
 `--topology` is the `--accelerator-type` of `gcloud compute tpus tpu-vm create` (v4-8,
 v5litepod-16, v5p-32, v6e-8, ...) or a topology (v5e:4x4); multi-host slices compile here too.
@@ -12,7 +12,8 @@ parameters, optimizer state, temporaries and the total against the chip's HBM (f
 margin); XLA's FLOPs per step beside the analytic 6N + 12·L·H·Q·T; a roofline lower bound on the
 step time (FLOPs at the bf16 peak, or bytes at the HBM bandwidth, whichever is slower) and the
 MFU ceiling it implies; the collectives in the compiled program. `--fit`: the largest global
-batch that fits, with and without remat, found by compiling a few candidates.
+batch that fits, with and without remat, found by compiling a few candidates. Needs libtpu
+(`pip install -e ".[aot]"`); docs/scaling.md explains the figures.
 """
 
 import dataclasses
