@@ -256,7 +256,8 @@ def compile_all(config, devices, *, everything: bool = True, num_steps: int | No
 def largest(fits_bytes, limit: int, max_compiles: int = 10) -> tuple[int, dict]:
     """The largest b >= 1 with fits_bytes(b) <= limit (0 if b=1 does not fit), and every
     {b: bytes} measured. Memory grows about linearly with the batch: before a candidate fails,
-    the next is where the line through the last two points meets the limit; then where the
+    the next is where the line through the last two points meets the limit (at most 8x the
+    largest that fits); then where the
     chord between the bracket's ends (lo fits, hi does not) meets it, or its middle when the
     chord only creeps, until hi = lo + 1. After max_compiles: the largest seen to fit."""
     seen = {1: fits_bytes(1)}
@@ -274,7 +275,9 @@ def largest(fits_bytes, limit: int, max_compiles: int = 10) -> tuple[int, dict]:
         if hi is None:  # extrapolate from lo and the largest point below it
             below = max(x for x in seen if x < lo)
             slope = (seen[lo] - seen[below]) / (lo - below)
-            b = 2 * lo if slope <= 0 else max(lo + 1, lo + int((limit - seen[lo]) / slope))
+            guess = 8 * lo if slope <= 0 else lo + int((limit - seen[lo]) / slope)
+            # at most 8x: at small batches padding and constants hide the slope
+            b = min(max(lo + 1, guess), 8 * lo)
         elif width is not None and 2 * (hi - lo) > width:  # the chord creeps: bisect
             b, width = (lo + hi) // 2, None
         else:
