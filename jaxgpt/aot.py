@@ -275,7 +275,7 @@ def largest(fits_bytes, limit: int, max_compiles: int = 10) -> tuple[int, dict]:
         if hi is None:  # extrapolate from lo and the largest point below it
             below = max(x for x in seen if x < lo)
             slope = (seen[lo] - seen[below]) / (lo - below)
-            guess = 8 * lo if slope <= 0 else lo + int((limit - seen[lo]) / slope)
+            guess = 2 * lo if slope <= 0 else lo + int((limit - seen[lo]) / slope)
             # at most 8x: at small batches padding and constants hide the slope
             b = min(max(lo + 1, guess), 8 * lo)
         elif width is not None and 2 * (hi - lo) > width:  # the chord creeps: bisect
