@@ -3,8 +3,10 @@
   python train.py --config configs/shakespeare.py [--workdir runs/shakespeare] \
       [--config.KEY=VALUE ...]
 
-Several processes (docs/scaling.md): --distributed on TPU pod slices; elsewhere
---coordinator_address=HOST:PORT --num_processes=N --process_id=I in each process.
+Several processes (docs/scaling.md): on a multi-host TPU VM slice nothing (the hosts find each
+other); SLURM / Open MPI: --distributed; elsewhere --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I in each process (or JAX's JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID).
 """
 
 from absl import flags
@@ -19,14 +21,15 @@ flags.DEFINE_string("workdir", None, "Directory or cloud URL (gs://bucket/run) f
                     "metrics.jsonl, TensorBoard events and the run's config; a second run with "
                     "the same workdir resumes. Default: runs/<config file name>.")
 flags.DEFINE_string("coordinator_address", "", "Multi-process runs: host:port of process 0 "
-                    "(or env JAXGPT_COORDINATOR); not needed on TPU pod slices.")
+                    "(or env JAXGPT_COORDINATOR or JAX_COORDINATOR_ADDRESS); not needed on TPU "
+                    "pod slices.")
 flags.DEFINE_integer("num_processes", 0, "Multi-process runs: how many processes "
-                     "(or env JAXGPT_NUM_PROCESSES).")
+                     "(or env JAXGPT_NUM_PROCESSES or JAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", -1, "Multi-process runs: this process's id, 0..N-1 "
-                     "(or env JAXGPT_PROCESS_ID).")
+                     "(or env JAXGPT_PROCESS_ID or JAX_PROCESS_ID).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with no arguments: "
-                  "it discovers the processes on TPU pod slices, SLURM and Open MPI "
-                  "(or env JAXGPT_DISTRIBUTED=1).")
+                  "it discovers the processes on SLURM and Open MPI (or env JAXGPT_DISTRIBUTED=1); "
+                  "multi-host TPU VM slices do this without the flag.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 

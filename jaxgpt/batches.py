@@ -60,9 +60,9 @@ class DeviceBatches:
     work between steps. `dataset.draw(data, key, n)` draws n examples (a task's own); by
     default the lecture's text windows of block_size."""
 
-    def __init__(self, dataset: Dataset, config, mesh):
-        self.splits = {"train": parallel.put_replicated(dataset.train, mesh),
-                       "val": parallel.put_replicated(dataset.val, mesh)}
+    def __init__(self, dataset: Dataset, config, mesh, put=parallel.put_replicated):
+        # put(split, mesh): the split on the mesh (aot.py's only describes it, for compiling)
+        self.splits = {"train": put(dataset.train, mesh), "val": put(dataset.val, mesh)}
         self.accum, self.batch_size = config.gradient_accumulation_steps, config.batch_size
         self.mesh, self.eval_iters = mesh, config.eval_iters
         block_size = config.block_size
@@ -166,10 +166,24 @@ class HostBatches:
                                                 (*self.eval_shape, self.block_size))
                      for t in local)
 
-    def train_batch(self, data, i, key):
+    @staticmethod
+    def train_batch(data, i, key):
         return data[0][i], data[1][i]  # (A, B, T) each
 
     eval_batch = train_batch  # (B, T) each
+
+    @staticmethod
+    def abstract_data(config, mesh, n: int):
+        """(train_data for an n-step call, eval_data for one eval call) as ShapeDtypeStructs:
+        what train_data / eval_data return, without reading a file (ahead-of-time compiling)."""
+        accum, batch = config.gradient_accumulation_steps, config.batch_size
+        block = config.block_size
+        evals = eval_batches_per_call(config.eval_iters)
+        train = jax.ShapeDtypeStruct((n, accum, batch, block), jnp.int32,
+                                     sharding=parallel.batch_sharding(mesh, leading=2))
+        val = jax.ShapeDtypeStruct((evals, batch, block), jnp.int32,
+                                   sharding=parallel.batch_sharding(mesh, leading=1))
+        return (train, train), (val, val)
 
     def close(self):
         """Stop the prefetch thread (the loop calls it when it ends)."""

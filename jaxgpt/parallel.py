@@ -4,7 +4,11 @@ One code path for 1 CPU, 1 GPU, 8 local devices and a multi-host TPU pod: `jax.j
 NamedShardings; XLA inserts the collectives (gradient all-reduce, FSDP all-gathers).
 """
 
+import glob
+import importlib.util
 import os
+import urllib.request
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -15,6 +19,26 @@ from jaxgpt.errors import UserError
 
 BATCH_AXES = ("data", "fsdp")  # the batch is split over every device
 FSDP_MIN_SIZE = 2**14  # smaller tensors (biases, LayerNorms) stay replicated: not worth a gather
+
+
+def tpu_chips_here() -> bool:
+    """A Google TPU on this machine's PCI bus (JAX's own test: vendor id 0x1ae0)."""
+    return any(Path(v).read_text().strip() == "0x1ae0"
+               for v in glob.glob("/sys/bus/pci/devices/*/vendor"))
+
+
+def cpu_without_accelerators() -> None:
+    """With libtpu installed (the [aot] extra, to compile for TPUs) JAX tries the TPU backend
+    first even on a machine without one, and libtpu prints warnings about TPU workers before
+    JAX falls back to the CPU. With no TPU here and no GPU plugin installed the CPU is what JAX
+    would pick anyway: pick it up front, so nothing is printed. An explicit JAX_PLATFORMS wins."""
+    if (os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
+            or importlib.util.find_spec("libtpu") is None or tpu_chips_here()
+            or any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin",
+                                                          "jax_cuda13_plugin", "jax_rocm7_plugin",
+                                                          "jax_rocm6_plugin"))):
+        return
+    jax.config.update("jax_platforms", "cpu")
 
 
 def make_mesh(config, devices=None) -> Mesh:
@@ -38,9 +62,9 @@ def make_mesh(config, devices=None) -> Mesh:
                          axis_types=(AxisType.Auto, AxisType.Auto))
 
 
-def one_device_mesh() -> Mesh:
-    """A 1 x 1 mesh on the first device (sampling, loading a workdir from Python)."""
-    return jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1],
+def one_device_mesh(device=None) -> Mesh:
+    """A 1 x 1 mesh on `device`, by default the first (sampling, loading a workdir)."""
+    return jax.make_mesh((1, 1), ("data", "fsdp"), devices=[device or jax.devices()[0]],
                          axis_types=(AxisType.Auto, AxisType.Auto))
 
 
@@ -111,20 +135,48 @@ def is_main_process() -> bool:
 # Multi-host start-up
 
 
+def tpu_slice_workers() -> int:
+    """How many hosts this TPU VM's slice has (1 off a TPU VM). As JAX's own cluster detection
+    finds them: TPU_WORKER_HOSTNAMES, else the TPU VM metadata server's
+    worker-network-endpoints (asked only where TPU chips are on this machine's bus)."""
+    if not tpu_chips_here():
+        return 1
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if not hosts:
+        server = os.environ.get("GCE_METADATA_IP", "metadata.google.internal")
+        request = urllib.request.Request(
+            f"http://{server}/computeMetadata/v1/instance/attributes/worker-network-endpoints",
+            headers={"Metadata-Flavor": "Google"})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                hosts = response.read().decode()
+        except OSError:  # not a TPU VM (a TPU in another kind of machine): one host
+            return 1
+    return len([h for h in hosts.split(",") if h.strip()])
+
+
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
                            process_id: int = -1, auto: bool = False) -> bool:
     """Join a multi-process run before any other JAX call; False for a single-process run.
 
     Explicit (CPU clusters, GPUs without a scheduler): the coordinator's host:port, the number of
-    processes and this one's id, as arguments or env JAXGPT_COORDINATOR, JAXGPT_NUM_PROCESSES,
-    JAXGPT_PROCESS_ID. `auto` (or JAXGPT_DISTRIBUTED=1): plain `jax.distributed.initialize()`,
-    which discovers everything itself on TPU pod slices, SLURM and Open MPI.
+    processes and this one's id, as arguments, or in the environment as jaxgpt's
+    JAXGPT_COORDINATOR, JAXGPT_NUM_PROCESSES, JAXGPT_PROCESS_ID or JAX's own
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID. `auto` (or JAXGPT_DISTRIBUTED=1):
+    plain `jax.distributed.initialize()`, which discovers everything itself on TPU pod slices,
+    SLURM and Open MPI; a host of a multi-host TPU VM slice does that without being asked.
     """
     env = os.environ
-    coordinator_address = coordinator_address or env.get("JAXGPT_COORDINATOR", "")
-    num_processes = num_processes or int(env.get("JAXGPT_NUM_PROCESSES", "0") or 0)
+
+    def get(*names, default=""):
+        return next((env[n] for n in names if env.get(n)), default)
+
+    coordinator_address = coordinator_address or get("JAXGPT_COORDINATOR",
+                                                     "JAX_COORDINATOR_ADDRESS")
+    num_processes = num_processes or int(get("JAXGPT_NUM_PROCESSES", "JAX_NUM_PROCESSES",
+                                             default="0"))
     if process_id < 0:
-        process_id = int(env.get("JAXGPT_PROCESS_ID", "-1") or -1)
+        process_id = int(get("JAXGPT_PROCESS_ID", "JAX_PROCESS_ID", default="-1"))
     auto = auto or env.get("JAXGPT_DISTRIBUTED", "") not in ("", "0")
     if jax.distributed.is_initialized():
         return True
@@ -137,7 +189,7 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
             return False
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
         return True
-    if auto:
+    if auto or tpu_slice_workers() > 1:
         jax.distributed.initialize()  # TPU pod slice / SLURM / Open MPI: discovered
         return True
     return False

@@ -140,7 +140,7 @@ def decode_chunk(model, params, carry, steps_left, offset, rng, settings, slide,
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(model, chunk: int):
+def compiled_programs(model, chunk: int):
     """The two jitted programs for a model; jax caches one executable per batch size."""
     return (jax.jit(functools.partial(start, model)),
             jax.jit(functools.partial(decode_chunk, model, chunk=chunk)))
@@ -165,7 +165,7 @@ def generate_chunks(model, params, idx, max_new_tokens, *, rng, temperature=1.0,
     context = idx[:, -cfg.block_size:]  # nanoGPT: condition on at most block_size tokens
     n = context.shape[1]
     window = np.pad(context, ((0, 0), (0, cfg.block_size - n)))  # (B, block_size)
-    start_fn, decode_fn = _compiled(model, chunk)
+    start_fn, decode_fn = compiled_programs(model, chunk)
     carry = start_fn(params, window, jnp.int32(n))
     settings = as_settings(temperature, top_k, top_p)
     done = 0
@@ -229,7 +229,7 @@ def warmup(model, params, batch_size: int, chunk=CHUNK) -> float:
     """Compile the sampler for `batch_size` rows now; returns the seconds it took."""
     start = time.perf_counter()
     model, params = fused(model, params)
-    start_fn, decode_fn = _compiled(model, chunk)
+    start_fn, decode_fn = compiled_programs(model, chunk)
     carry = start_fn(params, np.zeros((batch_size, model.config.block_size), np.int32),
                      jnp.int32(1))
     _, toks = decode_fn(params, carry, jnp.int32(0), jnp.int32(0), jax.random.PRNGKey(0),

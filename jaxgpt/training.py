@@ -21,6 +21,7 @@ from tqdm import tqdm
 from jaxgpt import batches as batches_lib
 from jaxgpt import (
     checkpoint,
+    compile_cache,
     datasets,
     lock,
     parallel,
@@ -194,10 +195,14 @@ class Loop:
         """Start the call that runs the next n steps, then read back the one before it."""
         self._each("before_call", n)
         start = time.perf_counter()
-        self.state, metrics = self.s.train_call(self.state, self.s.batches.train_data(self.step, n),
-                                                num_steps=n)
+        with compile_cache.hits() as hits:  # the first call compiles, or loads from the cache
+            self.state, metrics = self.s.train_call(
+                self.state, self.s.batches.train_data(self.step, n), num_steps=n)
         if self.calls == 0:  # jit compiled it before dispatching: time the runs without it
-            self.say(f"compiled the training step in {time.perf_counter() - start:.1f} s")
+            seconds = time.perf_counter() - start
+            self.say(f"loaded the compiled training step from the compilation cache in "
+                     f"{seconds:.1f} s" if hits() else
+                     f"compiled the training step in {seconds:.1f} s")
             self.clock = time.perf_counter()
         self.collect()  # waits for the previous call only
         self.pending = (self.step, metrics)
@@ -303,6 +308,7 @@ def train(config, workdir) -> step.TrainState:
     metrics_lib.check_wandb(config)
     preemption.check_multiprocess()
     workdir = workdir_lib.prepare(workdir)
+    compile_cache.enable(workdir)
     ckpt = None
     try:
         with contextlib.ExitStack() as stack:  # everything opened below, closed on every exit
@@ -315,6 +321,23 @@ def train(config, workdir) -> step.TrainState:
         good = ckpt.good_step if ckpt else checkpoint.latest_step(workdir)
         raise UserError(checkpoint.write_failure(f"writing {e.filename or workdir}", e,
                                                  workdir, good)) from None
+    except jax.errors.JaxRuntimeError as e:  # at compile time (the first call) or later
+        if "RESOURCE_EXHAUSTED" in str(e):
+            raise UserError(out_of_memory(config)) from None
+        raise
+
+
+def out_of_memory(config) -> str:
+    """What to change when the device runs out of memory, as one line."""
+    b, a = config.batch_size, config.gradient_accumulation_steps
+    fewer = (f"--config.batch_size={b // 2} --config.gradient_accumulation_steps={2 * a} (the "
+             "same tokens per step)" if b % 2 == 0 else "a smaller batch_size with more "
+             "gradient_accumulation_steps (the same product)")
+    return (f"out of device memory (RESOURCE_EXHAUSTED) at batch_size={b}, "
+            f"gradient_accumulation_steps={a}, remat={config.remat}, mesh.fsdp="
+            f"{config.mesh.fsdp}: try {fewer}, or --config.remat=True, or shard the parameters "
+            "with --config.mesh.fsdp=N; `python -m jaxgpt.aot --config CONFIG --topology TPU "
+            "--fit` finds the largest batch that fits before you run")
 
 
 def _write_failed(e: OSError, workdir) -> bool:

@@ -7,6 +7,10 @@ import pytest
 
 from jaxgpt.config import base_config
 
+# train() keeps compiled programs in ~/.cache/jaxgpt by default: not from the tests (the one
+# test of the cache gives it a directory of its own)
+os.environ.setdefault("JAXGPT_COMPILATION_CACHE", "off")
+
 SHAKESPEARE = os.environ.get("JAXGPT_SHAKESPEARE", "")  # the real text, for opt-in slow tests
 
 

@@ -93,7 +93,7 @@ def test_cache_path_has_the_same_params():
 
 def test_one_compilation_for_any_prompt_length_and_new_tokens():
     model, params = make("fused")
-    start_fn, decode_fn = sampling._compiled(model, sampling.CHUNK)
+    start_fn, decode_fn = sampling.compiled_programs(model, sampling.CHUNK)
     before = start_fn._cache_size(), decode_fn._cache_size()  # other tests' batch sizes
     for T, new in [(1, 5), (BLOCK, 70), (BLOCK + 3, 1), (4, 200)]:
         idx = jnp.zeros((3, T), jnp.int32)  # batch 3: used by no other test
