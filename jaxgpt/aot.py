@@ -35,16 +35,21 @@ from jaxgpt.model import count_params, make_model
 
 GPT2_VOCAB = 50257  # token files (never read here) hold GPT-2 BPE ids unless vocab_size says
 
-flags.DEFINE_string("topology", None, "TPU VM accelerator type (v4-8, v5litepod-16, v5p-32, "
-                    "v6e-8, ...) or a topology (v5e:4x4).")
-flags.DEFINE_bool("fit", False, "Also find the largest global batch_size that fits, with and "
-                  "without remat (compiles a few candidates).")
-flags.DEFINE_bool("only_train", False, "Compile only the training call (not the eval call and "
-                  "the sampler): faster.")
-flags.DEFINE_string("json", None, "Also write the figures as JSON to this path.")
-config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
-                                lock_config=True)
-flags.mark_flags_as_required(["config", "topology"])
+
+def define_flags() -> None:
+    """The command line's flags: defined only when run as a command, so importing this
+    module defines none (two commands' flags of the same name would clash)."""
+    flags.DEFINE_string("topology", None, "TPU VM accelerator type (v4-8, v5litepod-16, v5p-32, "
+                        "v6e-8, ...) or a topology (v5e:4x4).")
+    flags.DEFINE_bool("fit", False, "Also find the largest global batch_size that fits, with and "
+                      "without remat (compiles a few candidates).")
+    flags.DEFINE_bool("only_train", False, "Compile only the training call (not the eval call and "
+                      "the sampler): faster.")
+    flags.DEFINE_string("json", None, "Also write the figures as JSON to this path.")
+    config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                    lock_config=True)
+    flags.mark_flags_as_required(["config", "topology"])
+
 
 # ---------------------------------------------------------------------------------------------
 # Building train.py's calls on devices that are not there
@@ -395,4 +400,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

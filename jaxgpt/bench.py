@@ -33,15 +33,19 @@ from jaxgpt.flops import PEAK_TFLOPS, datasheet_peak, flops_per_token  # noqa: F
 from jaxgpt.model import GPTConfig, count_params
 from jaxgpt.tokenizer import CharTokenizer
 
-flags.DEFINE_string("json", None, "Also write the figures as JSON to this path.")
-flags.DEFINE_bool("quick", False, "CI smoke test: one timed call, 20 sampled tokens; seconds. "
-                  "Its timings are not meaningful.")
-flags.DEFINE_enum("only", "all", ["all", "train", "sample"], "Run only the training or the "
-                  "sampling part (sampling at the shakespeare size on a CPU: --only=sample).")
-flags.DEFINE_integer("calls", 20, "Timed calls (of steps_per_call steps each), in 5 rounds.")
-config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
-                                lock_config=True)
-flags.mark_flags_as_required(["config"])
+
+def define_flags() -> None:
+    """The command line's flags: defined only when run as a command, so importing this
+    module defines none (two commands' flags of the same name would clash)."""
+    flags.DEFINE_string("json", None, "Also write the figures as JSON to this path.")
+    flags.DEFINE_bool("quick", False, "CI smoke test: one timed call, 20 sampled tokens; seconds. "
+                      "Its timings are not meaningful.")
+    flags.DEFINE_enum("only", "all", ["all", "train", "sample"], "Run only the training or the "
+                      "sampling part (sampling at the shakespeare size on a CPU: --only=sample).")
+    flags.DEFINE_integer("calls", 20, "Timed calls (of steps_per_call steps each), in 5 rounds.")
+    config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                    lock_config=True)
+    flags.mark_flags_as_required(["config"])
 
 
 def timed(fn, n: int, warmup: int = 1):
@@ -288,4 +292,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

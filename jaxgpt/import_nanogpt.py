@@ -27,8 +27,13 @@ from jaxgpt.model import WEIGHT_KEYS, make_model
 from jaxgpt.step import create_train_state
 from jaxgpt.workdir import as_path
 
-flags.DEFINE_string("meta", None, "nanoGPT's data/DATASET/meta.pkl for a char-level run "
-                    "(default: GPT-2's BPE).")
+
+def define_flags() -> None:
+    """The command line's flags: defined only when run as a command, so importing this
+    module defines none (two commands' flags of the same name would clash)."""
+    flags.DEFINE_string("meta", None, "nanoGPT's data/DATASET/meta.pkl for a char-level run "
+                        "(default: GPT-2's BPE).")
+
 
 # nanoGPT's train.py settings that are not jaxgpt's to take over: where and how it ran
 NOT_CARRIED = {"init_from", "dtype", "eval_only"}
@@ -163,4 +168,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main, positional=("CKPT", "WORKDIR"))

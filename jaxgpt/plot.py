@@ -17,7 +17,11 @@ from jaxgpt import cli
 from jaxgpt.errors import UserError
 from jaxgpt.workdir import as_path
 
-flags.DEFINE_string("out", None, "The PNG to write (default: loss.png in the first WORKDIR).")
+
+def define_flags() -> None:
+    """The command line's flags: defined only when run as a command, so importing this
+    module defines none (two commands' flags of the same name would clash)."""
+    flags.DEFINE_string("out", None, "The PNG to write (default: loss.png in the first WORKDIR).")
 
 
 def read_metrics(workdir) -> dict:
@@ -109,4 +113,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main, positional=("WORKDIR...",))

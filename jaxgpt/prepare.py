@@ -92,8 +92,11 @@ def prepare_bpe(source, out_dir, val_fraction: float = 0.1, tokenizer=None) -> d
     return meta
 
 
-flags.DEFINE_float("val_fraction", 0.1, "Fraction of the tokens for val: 0.1 as the lecture; "
-                   "nanoGPT's OpenWebText uses 0.0005.")
+def define_flags() -> None:
+    """The command line's flags: defined only when run as a command, so importing this
+    module defines none (two commands' flags of the same name would clash)."""
+    flags.DEFINE_float("val_fraction", 0.1, "Fraction of the tokens for val: 0.1 as the lecture; "
+                       "nanoGPT's OpenWebText uses 0.0005.")
 
 
 def main(argv):
@@ -104,4 +107,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main, positional=("SOURCE", "OUT_DIR"))
