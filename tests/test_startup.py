@@ -91,11 +91,11 @@ def test_a_second_run_loads_the_training_step_from_the_cache(tmp_path, text_file
 
 
 def test_out_of_memory_is_one_line_naming_what_to_change(text_file, tmp_path, monkeypatch):
-    def exhausted(config, workdir):
+    def exhausted(*args):  # the loop, where a compile or a step runs out of memory
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
                                          "allocate 18.2G\nmore lines of XLA's report")
 
-    monkeypatch.setattr(training, "_train", exhausted)
+    monkeypatch.setattr(training, "_run", exhausted)
     with pytest.raises(UserError) as e:
         training.train(tiny(text_file, batch_size=8, gradient_accumulation_steps=5),
                        str(tmp_path / "w"))
