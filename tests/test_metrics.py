@@ -3,6 +3,7 @@ json, TensorBoard's EventAccumulator, and W&B's record log parsed from its file 
 
 import json
 import struct
+import time
 
 import pytest
 from etils import epath
@@ -122,8 +123,13 @@ def test_wandb_offline_gets_the_same_scalars(tmp_path, monkeypatch):
     config.wandb_log, config.wandb_project, config.wandb_run_name = True, "jaxgpt", "test"
     write_run(tmp_path / "run", config)
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    # W&B's service process writes the file; on a loaded machine its last blocks can land
+    # shortly after finish() returns: read it again until the rows are there (at most 60 s)
+    deadline = time.monotonic() + 60
+    while not (rows := wandb_history(run_file)) and time.monotonic() < deadline:
+        time.sleep(0.5)
     got = {}
-    for row in wandb_history(run_file):
+    for row in rows:
         for k, v in row.items():
             if not k.startswith("_"):
                 got.setdefault(k, []).append((row["_step"], pytest.approx(v)))
