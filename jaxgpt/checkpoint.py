@@ -13,10 +13,12 @@ the last good checkpoint; the temporary directory a crash leaves is removed at t
 A failed write (a full disk, a quota, a permission) ends the run with one line (`WriteFailed`).
 """
 
+import asyncio
 import errno
 import json
 import math
 import os
+import shutil
 import sys
 
 import jax
@@ -26,6 +28,7 @@ import optax
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
+from orbax.checkpoint._src import asyncio_utils
 
 from jaxgpt import config as config_lib
 from jaxgpt import parallel
@@ -38,6 +41,34 @@ CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 STATE_FIELDS = ("step", "params", "opt_state", "rng")
+
+
+def _run_to_the_end(coro):
+    """orbax's `_run_sync_via_new_loop`, but the loop closes only once every task in it ended.
+
+    orbax runs each background write in a fresh event loop and closes it when the write's
+    coroutine returns. When one shard's write fails (a full disk), that is at once, while the
+    other shards' writes are still in tensorstore's hands: their completions then call into the
+    closed loop, each printing "RuntimeError: Event loop is closed" from a C++ thread, and
+    their tasks are logged as "exception never retrieved". Waiting for them (they end as soon
+    as their own writes fail) leaves the failure to be reported once, by the main thread.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        try:
+            return loop.run_until_complete(coro)
+        finally:
+            pending = asyncio.all_tasks(loop)
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+if hasattr(asyncio_utils, "_run_sync_via_new_loop"):  # orbax-checkpoint >= 0.11
+    asyncio_utils._run_sync_via_new_loop = _run_to_the_end
 
 
 def _warn(message: str) -> None:
@@ -302,11 +333,12 @@ def _reason(e: Exception) -> str:
     return (text[:300] + "...") if len(text) > 300 else text or type(e).__name__
 
 
-def write_failure(what: str, e: Exception, directory, good_step: int | None) -> str:
+def write_failure(what: str, e: Exception, directory, good_step: int | None,
+                  reason: str | None = None) -> str:
     """The one line of a failed write: what failed, why, the newest good checkpoint, what to do."""
     good = (f"the newest good checkpoint is step {good_step}" if good_step is not None
             else "no checkpoint was written yet")
-    return (f"{what} failed ({_reason(e)}); {good} in {directory}: free space or fix the "
+    return (f"{what} failed ({reason or _reason(e)}); {good} in {directory}: free space or fix the "
             "quota or permission, then run the same command to resume (or point --workdir "
             "at another place)")
 
@@ -361,9 +393,32 @@ class RunCheckpoints:
             self._guard(self.manager.delete, s)
             self.metrics.pop(s, None)
 
+    def _check_room(self, step: int) -> None:
+        """Refuse a save the local disk has no room for before orbax starts it: a write that
+        fails midway leaves half a step and its threads' errors behind. A checkpoint's size is
+        the newest one's (the same arrays); a first save, gs:// and multi-host runs (a decision
+        every process must share) are left to the write itself."""
+        if self.good_step is None or is_remote(self.workdir) or jax.process_count() > 1:
+            return
+        directory = os.fspath(self.manager.directory)
+        newest = os.path.join(directory, str(self.good_step))
+        need = sum(os.stat(os.path.join(root, f)).st_blocks * 512
+                   for root, _, files in os.walk(newest) for f in files)
+        free = shutil.disk_usage(directory).free
+        if free < need:
+            self.failed = True
+            mb = lambda n: f"{n / 1e6:.1f} MB"  # noqa: E731
+            raise WriteFailed(write_failure(
+                f"writing checkpoint step {step}", None, directory, self.good_step,
+                reason=f"{os.strerror(errno.ENOSPC)}: {mb(free)} free, a checkpoint takes "
+                       f"{mb(need)}"))
+
     def _save(self, state, val_loss) -> bool:
         self.wait()  # orbax's save waits for the previous write too: fail here, with its step
         step = int(state.step)
+        if step in self.manager.all_steps():
+            return False  # a resumed run re-reaching its start step
+        self._check_room(step)
         self.writing = step
         saved = self._guard(save, self.manager, state, val_loss)
         if saved:

@@ -20,9 +20,11 @@ def _fail(message: str):
 
 
 def _hide_orbax_errors(record) -> bool:
-    """A failed checkpoint write is logged as an error by each of orbax's background threads,
-    then raised in the main thread, which reports it in one line: drop the thread logs."""
-    return not (record.levelno >= pylogging.ERROR and "orbax" in record.pathname)
+    """A failed checkpoint write is logged as an error by each of orbax's background threads
+    (and by asyncio, for each of its write tasks whose exception nobody retrieved), then raised
+    in the main thread, which reports it in one line: drop the thread logs."""
+    return not (record.levelno >= pylogging.ERROR
+                and ("orbax" in record.pathname or "orbax" in record.getMessage()))
 
 
 def _one_line(e: Exception) -> str:
@@ -57,7 +59,7 @@ def run(main, positional=()):
     def wrapped(argv):
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
-            logging.get_absl_logger().addFilter(_hide_orbax_errors)
+            logging.get_absl_handler().addFilter(_hide_orbax_errors)  # asyncio's records too
         try:
             if "config" in flags.FLAGS:  # config files load lazily: surface a bad path here
                 flags.FLAGS.config.keys()

@@ -5,7 +5,6 @@ jax.distributed are refused."""
 import errno
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -104,34 +103,53 @@ def test_a_full_disk_says_one_line_and_the_same_command_resumes(tmp_path, text_f
     proc = start(runs.cli_args(text_file, workdir, **settings))
     _, err = proc.communicate(timeout=runs.TIMEOUT)
     assert proc.returncode == 1, err[-3000:]
-    # Known residue: tensorstore's callbacks for the abandoned write can still fire into the
-    # event loop orbax closed after the failure, each printing "RuntimeError: Event loop is
-    # closed" from a C++ thread (none, or a few, depending on timing). Nothing else may print.
-    residue = re.compile(r"Traceback \(most recent call last\):\n"
-                         r'  File "[^"]*asyncio/base_events\.py", line \d+, in '
-                         r"call_soon_threadsafe\n"
-                         r"    self\._check_closed\(\)\n"
-                         r'  File "[^"]*asyncio/base_events\.py", line \d+, in _check_closed\n'
-                         r"    raise RuntimeError\('Event loop is closed'\)\n"
-                         r"RuntimeError: Event loop is closed\n")
-    rest = residue.sub("", err)
-    assert "Traceback" not in rest and "Exception" not in rest, err[-3000:]
+    # the save is refused before orbax starts it: nothing half-written, nothing else printed
+    assert "Traceback" not in err and "Exception" not in err, err[-3000:]
     assert err.endswith("\n") and err.strip().splitlines()[-1] == err.splitlines()[-1]
     line = err.splitlines()[-1]
-    assert line.startswith("error: writing checkpoint step 20 failed (No space left on device);"
-                           " the newest good checkpoint is step 10 in "), line
+    assert line.startswith("error: writing checkpoint step 20 failed (No space left on device: "
+                           ), line
+    assert "MB free, a checkpoint takes" in line
+    assert "); the newest good checkpoint is step 10 in " in line
     assert "run the same command to resume" in line
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20.orbax-checkpoint-tmp"]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["10"]
 
     assert mount(small_disk, one_checkpoint * 4, remount=True)  # space freed
     logged = len(runs.events(workdir))
     training.train(runs.cli_config(text_file, **settings), workdir)  # the same run, resumed
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["20"]  # the partial step removed
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["20"]
     # the resumed run logs steps 10.. again (step 10's eval was saved with it): as straight
     want = [e for e in runs.events(tmp_path / "straight")
             if e["step"] >= 10 and (e["event"], e["step"]) != ("eval", 10)]
     runs.assert_same_events(runs.events(workdir)[logged:], want)
     assert json.loads((workdir / "config.json").read_text())["max_iters"] == 20
+    assert checkpoint.best_step(workdir) == 20
+
+
+def test_a_write_that_fails_midway_says_one_line(tmp_path, text_file, small_disk):
+    """The disk fills during the write (the room check before it turned off, as when another
+    process takes the space): orbax's threads fail as they wind down, and the user still sees
+    one line; the half-written step is removed by the next start."""
+    settings = dict(max_iters=20, eval_interval=10, lr_decay_iters=20)
+    training.train(runs.cli_config(text_file, **settings), tmp_path / "straight")
+    one_checkpoint = disk_usage(tmp_path / "straight" / "checkpoints" / "20")
+    assert mount(small_disk, one_checkpoint * 3 // 2, remount=True)
+    workdir = small_disk / "run"
+    no_check = ("import runpy, sys; from jaxgpt import checkpoint; "
+                "checkpoint.RunCheckpoints._check_room = lambda self, step: None; "
+                "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = start(["-c", no_check, *runs.cli_args(text_file, workdir, **settings)])
+    _, err = proc.communicate(timeout=runs.TIMEOUT)
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err and "Exception" not in err, err[-3000:]
+    line = err.splitlines()[-1]
+    assert line.startswith("error: writing checkpoint step 20 failed (No space left on device);"
+                           " the newest good checkpoint is step 10 in "), line
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20.orbax-checkpoint-tmp"]
+
+    assert mount(small_disk, one_checkpoint * 4, remount=True)
+    training.train(runs.cli_config(text_file, **settings), workdir)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["20"]  # the partial step removed
     assert checkpoint.best_step(workdir) == 20
 
 
