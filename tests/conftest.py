@@ -1,15 +1,29 @@
 """Shared fixtures: a tiny config on a small generated text, so every test runs in seconds."""
 
 import os
+import shutil
+import tempfile
 
-import numpy as np
-import pytest
+# The suite trains the same tiny models many times, in this process, in pytest-xdist's workers
+# and in the subprocesses tests start: one compilation cache for the whole session (made by the
+# first process, inherited by the others through the environment) compiles each program once.
+# Not ~/.cache/jaxgpt, train()'s default; the test of the cache gives it a directory of its own.
+# Set before jax is imported: JAX reads the threshold (by default only programs that took over
+# a second to compile are kept) from the environment once.
+_OWN_CACHE = "JAXGPT_COMPILATION_CACHE" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAXGPT_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="jaxgpt-test-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
-from jaxgpt.config import base_config
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
-# train() keeps compiled programs in ~/.cache/jaxgpt by default: not from the tests (the one
-# test of the cache gives it a directory of its own)
-os.environ.setdefault("JAXGPT_COMPILATION_CACHE", "off")
+from jaxgpt.config import base_config  # noqa: E402
+
+
+def pytest_sessionfinish(session):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAXGPT_COMPILATION_CACHE"], ignore_errors=True)
 
 SHAKESPEARE = os.environ.get("JAXGPT_SHAKESPEARE", "")  # the real text, for opt-in slow tests
 
