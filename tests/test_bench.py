@@ -54,12 +54,13 @@ def test_cli_writes_json(tmp_path, text_file):
     args = ["--config", "configs/shakespeare_cpu.py", f"--config.data_path={text_file}",
             "--config.n_layer=1", "--config.n_embd=32", "--config.n_head=2",
             "--config.block_size=16", "--config.batch_size=4", "--config.steps_per_call=2",
-            "--config.eval_iters=2", "--quick", "--json", str(out)]
+            "--config.eval_iters=2", "--quick", "--only=train", "--json", str(out)]
     proc = subprocess.run([sys.executable, "-m", "jaxgpt.bench", *args], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "ms / step" in proc.stdout
-    assert json.loads(out.read_text())["train"]["params"] > 0
+    written = json.loads(out.read_text())
+    assert written["train"]["params"] > 0 and written["sampling"] is None  # timed above
 
 
 def test_heldout_loss_is_the_mean_over_every_window():
