@@ -101,33 +101,58 @@ def has_bpe_files(directory) -> bool:
     return all((Path(directory) / f).is_file() for f in HF_BPE_FILES)
 
 
-def gpt2_encoding_from_files(directory):
-    """A tiktoken Encoding from a Hugging Face GPT-2 directory's merges.txt + vocab.json.
+# GPT-2's regex for splitting text before BPE (tiktoken's r50k_base / gpt2)
+GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-    These are the two files tiktoken downloads for GPT-2 (vocab.bpe, encoder.json) under
-    Hugging Face's names; <|endoftext|> is the id after the last merge (50256 for GPT-2).
-    """
+
+def _byte_decoder() -> dict[str, int]:
+    """OpenAI's encoder.py bytes_to_unicode, inverted: vocab.json spells each byte as a
+    printable character; this maps those characters back to the bytes."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):  # the others are spelled from chr(256) on
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _bpe_ranks(directory) -> tuple[dict[bytes, int], int]:
+    """vocab.json's tokens as bytes -> id (tiktoken's ranks), and <|endoftext|>'s id. tiktoken
+    merges the pair of lowest rank first, GPT-2's BPE the earliest line of merges.txt: the two
+    agree when the merged tokens' ids rise with the line number, which is checked."""
+    vocab = json.loads((Path(directory) / "vocab.json").read_text(encoding="utf-8"))
+    lines = (Path(directory) / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [line.split() for line in lines if line and not line.startswith("#version")]
+    eot = vocab.pop("<|endoftext|>", None)
+    decode = _byte_decoder()
+    ranks = {bytes(decode[ch] for ch in token): i for token, i in vocab.items()
+             if not (token.startswith("<|") and token.endswith("|>"))}
+    if len(ranks) != len(vocab) or sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError("vocab.json's ids are not 0..n-1 without gaps")
+    merged = [vocab["".join(pair)] for pair in merges]  # KeyError: a merge missing from vocab
+    if any(a >= b for a, b in zip(merged, merged[1:])) or any(len(p) != 2 for p in merges):
+        raise ValueError("merges.txt's order is not vocab.json's id order")
+    return ranks, len(ranks) if eot is None else eot
+
+
+def gpt2_encoding_from_files(directory):
+    """A tiktoken Encoding from a Hugging Face GPT-2 directory's merges.txt + vocab.json (the
+    two files tiktoken downloads for GPT-2, vocab.bpe and encoder.json, under Hugging Face's
+    names), built through tiktoken's public Encoding from ranks read here."""
     try:
         import tiktoken
-        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-        from tiktoken_ext.openai_public import r50k_pat_str
     except ImportError as e:
         raise UserError("GPT-2 BPE needs tiktoken: pip install 'jaxgpt[bpe]'") from e
-    merges, vocab = (str(Path(directory) / f) for f in HF_BPE_FILES)
-    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # read the local files as they are, copy nothing
     try:
-        ranks = data_gym_to_mergeable_bpe_ranks(merges, vocab)
-    except (OSError, ValueError, KeyError, AssertionError) as e:
+        ranks, eot = _bpe_ranks(directory)
+    except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{directory}: merges.txt and vocab.json do not form a GPT-2 BPE "
                         f"vocabulary ({type(e).__name__}: {str(e)[:80]})") from None
-    finally:
-        if saved is None:
-            del os.environ["TIKTOKEN_CACHE_DIR"]
-        else:
-            os.environ["TIKTOKEN_CACHE_DIR"] = saved
-    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": len(ranks)})
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": eot})
 
 
 def tiktoken_cache_dir() -> str:

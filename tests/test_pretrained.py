@@ -7,6 +7,7 @@ tanh form moves them by ~1e-3, so a wrong activation, layout or split order fail
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +251,44 @@ def test_model_of_a_run_is_built_from_its_config(tmp_path):
     run = pretrained.load(str(tmp_path / "gpt2"))
     again = make_model(run.config, run.tokenizer.vocab_size)
     assert again.config == run.model.config
+
+
+# tiktoken's r50k_base (GPT-2's ranks) under its cache name, beside the checkout
+REAL_BPE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiktoken"
+
+
+@pytest.mark.skipif(not REAL_BPE.is_dir(), reason="GPT-2's BPE file (../shared/data/tiktoken)")
+def test_gpt2s_real_bpe_files_give_tiktokens_ids(tmp_path, monkeypatch):
+    """GPT-2's 50,257 tokens written as merges.txt + vocab.json (each merge recovered from the
+    ranks: BPE over the token with only lower ranks leaves exactly two parts), read back by the
+    project's own reader: the same ids as tiktoken's r50k_base on varied text."""
+    import tiktoken
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(REAL_BPE))
+    want = tiktoken.get_encoding("r50k_base")
+    tokens = [want.decode_single_token_bytes(i) for i in range(want.eot_token)]
+    ranks = {t: i for i, t in enumerate(tokens)}
+
+    def last_merge(t: bytes, rank: int) -> tuple[bytes, bytes]:
+        parts = [t[i:i + 1] for i in range(len(t))]
+        while len(parts) > 2:
+            pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            best, i = min(pairs)
+            assert best < rank
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return parts[0], parts[1]
+
+    spell = bytes_to_unicode()
+    text = lambda t: "".join(spell[b] for b in t)  # noqa: E731
+    merges = [last_merge(t, i) for i, t in enumerate(tokens) if i >= 256]
+    vocab = {text(t): i for i, t in enumerate(tokens)} | {"<|endoftext|>": want.eot_token}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{text(a)} {text(b)}\n" for a, b in merges))
+    got = tokenizers.gpt2_encoding_from_files(tmp_path)
+    assert got.encode("Hello world") == [15496, 995]
+    for s in ["First Citizen:\nBefore we proceed any further, hear me speak.\n\n",
+              "  naïve café — 東京 🙂 1234567 x\t\ty's we'll <|endoftext|> ...",
+              "".join(chr(c) for c in range(32, 600))]:
+        assert got.encode(s, allowed_special="all") == want.encode(s, allowed_special="all")
+    assert got.eot_token == want.eot_token == 50256

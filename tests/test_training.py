@@ -75,16 +75,21 @@ def test_losses_equal_a_loop_written_out(tmp_path, text_file, overrides):
         logits = model.apply({"params": p}, x, deterministic=False, rngs={"dropout": key})
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
+    @jax.jit  # compiled once: op by op, this loop took most of the test's time
+    def update(grads, opt_state, params):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    grad_fn = jax.jit(jax.value_and_grad(loss))
     want = []
     for step in range(c.max_iters):
         data_key, dropout_key = jax.random.split(jax.random.fold_in(run_rng, step))
         x, y = batches.get_batch(jnp.asarray(dataset.train), data_key, A * B, c.block_size)
         keys = jax.random.split(dropout_key, A)
-        outs = [jax.value_and_grad(loss)(params, x[a * B:(a + 1) * B], y[a * B:(a + 1) * B],
-                                         keys[a]) for a in range(A)]
+        outs = [grad_fn(params, x[a * B:(a + 1) * B], y[a * B:(a + 1) * B], keys[a])
+                for a in range(A)]
         grads = jax.tree.map(lambda *g: sum(g) / A, *[g for _, g in outs])
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params, opt_state = update(grads, opt_state, params)
         want.append(float(np.mean([v for v, _ in outs])))
     np.testing.assert_allclose(got, want, rtol=1e-4)
 
@@ -119,7 +124,7 @@ def test_train_step_is_optax_on_jax_grad(text_file):
     def loss(params):  # loss_fn returns (scaled loss, loss): float32 has no scaling
         return step_lib.loss_fn(params, state.apply_fn, x[0], y[0], jax.random.split(key, 1)[0])[1]
 
-    grads = jax.grad(loss)(state.params)
+    grads = jax.jit(jax.grad(loss))(state.params)
     want = state.apply_gradients(grads=grads)
     got, metrics = jax.jit(step_lib.train_step)(state, (x, y), key)
     for a, b in zip(jax.tree.leaves(got.opt_state), jax.tree.leaves(want.opt_state)):
