@@ -15,7 +15,6 @@ one subdirectory per name), else in the Hugging Face cache, else downloaded thro
 """
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -84,16 +83,16 @@ def _is_hf_dir(d: Path) -> bool:
 
 
 def _hf_cache_snapshot(name: str) -> Path | None:
-    """The Hugging Face cache's snapshot of `name` (as huggingface_hub lays it out), if any."""
-    hub = os.environ.get("HF_HUB_CACHE") or \
-        Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+    """The Hugging Face cache's snapshot of `name`, asked of huggingface_hub (its cache dir,
+    HF_HOME / HF_HUB_CACHE, the `main` revision), if it is installed and holds the files."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None  # then _download says what to install
     for repo in (f"{HF_ORG}/{name}", name):
-        root = Path(hub) / f"models--{repo.replace('/', '--')}"
-        ref = root / "refs" / "main"
-        if ref.is_file():
-            snapshot = root / "snapshots" / ref.read_text().strip()
-            if _is_hf_dir(snapshot):
-                return snapshot
+        paths = [try_to_load_from_cache(repo, f) for f in HF_FILES]
+        if all(isinstance(p, str) for p in paths):  # else None or "known not to exist"
+            return Path(paths[0]).parent
     return None
 
 
