@@ -199,9 +199,56 @@ def from_hf_gpt2(directory) -> tuple[GPTConfig, dict]:
     if activation is None:
         raise UserError(f"{config_file}: activation_function "
                         f"{hf['activation_function']!r} is not supported")
+    tied = hf.get("tie_word_embeddings", True)
     config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
                        n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                       bias=True, activation=activation, tie_weights=True)
+                       bias=True, activation=activation, tie_weights=tied)
     weights = {k.removeprefix("transformer."): v.astype(np.float32)
                for k, v in load_file(weights_file).items()}
-    return config, _params(_getter(weights, str(weights_file)), config, lambda w: w)
+    get = _getter(weights, str(weights_file))
+    params = _params(get, config, lambda w: w)
+    if not tied:  # GPT2LMHeadModel's lm_head is an nn.Linear: (out, in)
+        params["lm_head"] = {"kernel": _linear(get("lm_head.weight"))}
+    return config, params
+
+
+# jaxgpt's activation -> GPT2Config's activation_function (GPT-2's own is "gelu_new")
+HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+
+
+def to_hf_gpt2(config: GPTConfig, params) -> tuple[dict, dict]:
+    """jaxgpt params -> (GPT2Config as a dict, GPT2LMHeadModel's tensors); inverts
+    from_hf_gpt2. GPT-2 always has biases: a bias=False model gets zero biases (the same
+    function). Rotary positions and an lm_head bias have no place in GPT-2: refused."""
+    for key, need in (("position", "learned"), ("lm_head_bias", False)):
+        if getattr(config, key) != need:
+            raise UserError(f"GPT-2's architecture cannot hold {key}={getattr(config, key)!r} "
+                            f"(it has {key}={need!r}): this model cannot be exported to it")
+    sd = {"transformer.wte.weight": params["wte"]["embedding"],
+          "transformer.wpe.weight": params["wpe"]["embedding"]}
+
+    def put(name, p, weight):
+        sd[f"{name}.weight"] = p[weight]
+        sd[f"{name}.bias"] = p["bias"] if config.bias else np.zeros(p[weight].shape[-1])
+
+    for i in range(config.n_layer):
+        h, p = f"transformer.h.{i}", params[f"h_{i}"]
+        attn = p["attn"] if config.attention == "fused" else fuse_heads(p["attn"], config)
+        put(f"{h}.ln_1", p["ln_1"], "scale")
+        put(f"{h}.attn.c_attn", attn["c_attn"], "kernel")  # Conv1D: (in, out) as flax
+        put(f"{h}.attn.c_proj", attn["c_proj"], "kernel")
+        put(f"{h}.ln_2", p["ln_2"], "scale")
+        put(f"{h}.mlp.c_fc", p["mlp"]["c_fc"], "kernel")
+        put(f"{h}.mlp.c_proj", p["mlp"]["c_proj"], "kernel")
+    put("transformer.ln_f", params["ln_f"], "scale")
+    if not config.tie_weights:
+        sd["lm_head.weight"] = _linear(np.asarray(params["lm_head"]["kernel"]))
+    vocab_size, n_embd = np.shape(params["wte"]["embedding"])
+    hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+          "vocab_size": int(vocab_size), "n_positions": config.block_size,
+          "n_ctx": config.block_size, "n_embd": int(n_embd), "n_layer": config.n_layer,
+          "n_head": config.n_head, "activation_function": HF_ACTIVATION[config.activation],
+          "layer_norm_epsilon": 1e-5, "tie_word_embeddings": config.tie_weights,
+          "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+          "bos_token_id": 50256, "eos_token_id": 50256, "torch_dtype": "float32"}
+    return hf, {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}

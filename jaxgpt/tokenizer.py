@@ -155,6 +155,32 @@ def gpt2_encoding_from_files(directory):
                              special_tokens={"<|endoftext|>": eot})
 
 
+def gpt2_bpe_files(encoding=None) -> dict[str, str]:
+    """GPT-2's tables as Hugging Face's vocab.json + merges.txt texts, from tiktoken's ranks.
+    Each merge is recovered from its token: BPE over the token's bytes with only the lower
+    ranks stops at exactly two parts, the pair merged last."""
+    enc = encoding or _gpt2_encoding()
+    eot = enc.eot_token
+    tokens = [enc.decode_single_token_bytes(i) for i in range(eot)]
+    ranks = {t: i for i, t in enumerate(tokens)}
+    spell = {b: ch for ch, b in _byte_decoder().items()}
+
+    def text(t: bytes) -> str:
+        return "".join(spell[b] for b in t)
+
+    merges = []
+    for rank, token in enumerate(tokens[256:], start=256):
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            pairs = zip(parts, parts[1:])
+            _, i = min((ranks.get(a + b, rank), i) for i, (a, b) in enumerate(pairs))
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append(f"{text(parts[0])} {text(parts[1])}\n")
+    vocab = {text(t): i for i, t in enumerate(tokens)} | {"<|endoftext|>": eot}
+    return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "".join(merges)}
+
+
 def tiktoken_cache_dir() -> str:
     """Where tiktoken keeps (and looks for) its downloaded vocabulary files."""
     return os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \

@@ -1,0 +1,131 @@
+"""python -m jaxgpt.export: a workdir as a Hugging Face GPT-2 directory, read back two ways."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxgpt import convert, export, pretrained, training
+from jaxgpt import tokenizer as tokenizers
+from jaxgpt.errors import UserError
+from jaxgpt.model import GPT
+from tests.conftest import tiny
+from tests.test_pretrained import write_bpe_files
+
+pytest.importorskip("safetensors")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def hf_forward(directory: Path, idx):
+    """GPT2LMHeadModel in numpy over the exported files alone: config.json + safetensors."""
+    from safetensors.numpy import load_file
+
+    hf = json.loads((directory / "config.json").read_text())
+    tensors = load_file(directory / "model.safetensors")
+    w = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    eps, nh = hf["layer_norm_epsilon"], hf["n_head"]
+    act = {"gelu_new": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) *
+                                                        (x + 0.044715 * x**3))),
+           "gelu": lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2))),
+           "relu": lambda x: np.maximum(x, 0)}[hf["activation_function"]]
+
+    def ln(x, name):
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + eps) * w[name + ".weight"] + w[name + ".bias"]
+
+    def conv1d(x, name):  # Conv1D: x @ W + b, W stored (in, out)
+        return x @ w[name + ".weight"] + w[name + ".bias"]
+
+    B, T = idx.shape
+    x = w["wte.weight"][idx] + w["wpe.weight"][:T]  # (B, T, C)
+    C = x.shape[-1]
+    hs = C // nh
+    for i in range(hf["n_layer"]):
+        q, k, v = np.split(conv1d(ln(x, f"h.{i}.ln_1"), f"h.{i}.attn.c_attn"), 3, axis=-1)
+        q, k, v = (t.reshape(B, T, nh, hs).transpose(0, 2, 1, 3) for t in (q, k, v))
+        att = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hs)  # (B, nh, T, T)
+        att = np.where(np.tril(np.ones((T, T), bool)), att, -np.inf)
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        y = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
+        x = x + conv1d(y, f"h.{i}.attn.c_proj")
+        x = x + conv1d(act(conv1d(ln(x, f"h.{i}.ln_2"), f"h.{i}.mlp.c_fc")), f"h.{i}.mlp.c_proj")
+    head = w["wte.weight"] if hf["tie_word_embeddings"] else w["lm_head.weight"]  # (V, C)
+    return ln(x, "ln_f") @ head.T
+
+
+def trained(text_file, workdir, **overrides):
+    training.train(tiny(text_file, max_iters=2, eval_interval=2, steps_per_call=1, **overrides),
+                   workdir)
+    return pretrained.load_run(workdir)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),  # nanoGPT's: tied, exact GELU, biases
+    dict(tie_weights=False, bias=False, activation="relu", attention="heads"),  # the lecture's
+], ids=["nanogpt", "lecture"])
+def test_export_gives_the_runs_logits_read_back_two_ways(tmp_path, text_file, overrides):
+    run = trained(text_file, tmp_path / "run", **overrides)
+    written = export.export(tmp_path / "run", tmp_path / "hf")
+    assert {"config.json", "model.safetensors", "generation_config.json",
+            "tokenizer.json"} == set(written)
+    idx = np.random.default_rng(0).integers(0, run.tokenizer.vocab_size, (2, 16))
+    want = np.asarray(run.model.apply({"params": run.params}, idx))
+    config, params = convert.from_hf_gpt2(tmp_path / "hf")
+    got = np.asarray(GPT(config).apply({"params": params}, idx))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(hf_forward(tmp_path / "hf", idx), want, atol=1e-4, rtol=1e-4)
+    chars = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    assert tokenizers.from_dict(chars).encode("the cat") == run.tokenizer.encode("the cat")
+
+
+def test_rotary_is_refused_and_a_full_out_dir_kept(tmp_path, text_file):
+    trained(text_file, tmp_path / "rope", position="rope")
+    with pytest.raises(UserError, match="position='rope'") as e:
+        export.export(tmp_path / "rope", tmp_path / "hf")
+    assert "\n" not in str(e.value)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="--force"):
+        export.export(tmp_path / "rope", out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="is a file"):
+        export.export(tmp_path / "rope", tmp_path / "file")
+
+
+def test_export_to_gcs(gcs, tmp_path, text_file):
+    """A gs:// OUT_DIR (the local emulator): the same files, read back through epath."""
+    from etils import epath
+
+    run = trained(text_file, tmp_path / "run")
+    export.export(tmp_path / "run", "gs://test-bucket/hf")
+    local = tmp_path / "copy"
+    local.mkdir()
+    for f in epath.Path("gs://test-bucket/hf").iterdir():
+        (local / f.name).write_bytes(f.read_bytes())
+    idx = np.arange(16)[None] % run.tokenizer.vocab_size
+    np.testing.assert_allclose(hf_forward(local, idx),
+                               run.model.apply({"params": run.params}, idx), atol=1e-4, rtol=1e-4)
+
+
+def test_a_bpe_runs_tables_go_with_it(tmp_path):
+    write_bpe_files(tmp_path)
+    tok = tokenizers.BPETokenizer(directory=tmp_path)
+    files = export._tokenizer_files(tok)
+    assert files == {f: (tmp_path / f).read_text() for f in tokenizers.HF_BPE_FILES}
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for args in ([tmp_path / "missing", tmp_path / "out"], [tmp_path / "empty", tmp_path / "out"],
+                 [tmp_path / "empty"]):
+        r = subprocess.run([sys.executable, "-m", "jaxgpt.export", *map(str, args)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
