@@ -14,7 +14,7 @@ from jaxgpt import tokenizer as tokenizers
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
 from tests.conftest import tiny
-from tests.test_pretrained import write_bpe_files
+from tests.test_pretrained import REAL_BPE, write_bpe_files
 
 pytest.importorskip("safetensors")
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,3 +129,19 @@ def test_cli_errors_are_one_line(tmp_path):
                            capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
+
+
+@pytest.mark.skipif(not REAL_BPE.is_dir(), reason="GPT-2's BPE file (../shared/data/tiktoken)")
+def test_a_tiktoken_runs_tables_are_written_as_gpt2s_files(tmp_path, monkeypatch):
+    """A BPE run that used tiktoken's ranks: the merges.txt + vocab.json written for it encode
+    as tiktoken does (the reader is tested on its own against r50k_base)."""
+    import tiktoken
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(REAL_BPE))
+    want = tiktoken.get_encoding("r50k_base")
+    for name, text in tokenizers.gpt2_bpe_files(want).items():
+        (tmp_path / name).write_text(text)
+    got = tokenizers.gpt2_encoding_from_files(tmp_path)
+    s = "First Citizen:\n  naïve café — 東京 🙂 1234567 y'all <|endoftext|>"
+    assert got.encode(s, allowed_special="all") == want.encode(s, allowed_special="all")
+    assert json.loads((tmp_path / "vocab.json").read_text())["Ġthe"] == 262
