@@ -4,8 +4,9 @@
 
 Writes config.json (GPT2LMHeadModel), model.safetensors (through safetensors.numpy: no torch),
 generation_config.json and, for GPT-2 BPE runs, the tokenizer's merges.txt + vocab.json. A
-char-level run's vocabulary is no Hugging Face tokenizer: its tokenizer.json (jaxgpt's) goes
-beside. WORKDIR and OUT_DIR may be gs:// paths. A non-empty OUT_DIR is refused unless --force.
+char-level run's vocabulary is no Hugging Face tokenizer: jaxgpt's own file goes beside as
+jaxgpt_tokenizer.json (tokenizer.json is the name Hugging Face's tokenizers read). WORKDIR and
+OUT_DIR may be gs:// paths. A non-empty OUT_DIR is refused unless --force.
 """
 
 import json
@@ -27,7 +28,7 @@ def define_flags() -> None:
 def _tokenizer_files(tokenizer) -> dict[str, str]:
     """The files beside the weights that turn ids back into text."""
     if tokenizer.kind != "gpt2":  # the lecture's characters: jaxgpt's own format
-        return {"tokenizer.json": json.dumps(tokenizer.to_dict())}
+        return {"jaxgpt_tokenizer.json": json.dumps(tokenizer.to_dict())}
     if tokenizer.directory:  # the run read a Hugging Face directory's tables: the same files
         return {f: (as_path(tokenizer.directory) / f).read_text() for f in tokenizers.HF_BPE_FILES}
     return tokenizers.gpt2_bpe_files()

@@ -72,14 +72,14 @@ def test_export_gives_the_runs_logits_read_back_two_ways(tmp_path, text_file, ov
     run = trained(text_file, tmp_path / "run", **overrides)
     written = export.export(tmp_path / "run", tmp_path / "hf")
     assert {"config.json", "model.safetensors", "generation_config.json",
-            "tokenizer.json"} == set(written)
+            "jaxgpt_tokenizer.json"} == set(written)
     idx = np.random.default_rng(0).integers(0, run.tokenizer.vocab_size, (2, 16))
     want = np.asarray(run.model.apply({"params": run.params}, idx))
     config, params = convert.from_hf_gpt2(tmp_path / "hf")
     got = np.asarray(GPT(config).apply({"params": params}, idx))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(hf_forward(tmp_path / "hf", idx), want, atol=1e-4, rtol=1e-4)
-    chars = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    chars = json.loads((tmp_path / "hf" / "jaxgpt_tokenizer.json").read_text())
     assert tokenizers.from_dict(chars).encode("the cat") == run.tokenizer.encode("the cat")
 
 
