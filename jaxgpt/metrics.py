@@ -16,6 +16,7 @@ mode "a", which gcsfs turns into an overwrite.
 import itertools
 import json
 import os
+import secrets
 import time
 
 from etils import epath
@@ -98,11 +99,22 @@ def check_wandb(config) -> None:
                             "'jaxgpt[wandb]' (or drop --config.wandb_log)") from None
 
 
-def _wandb(config):
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _wandb(workdir, config):
     import wandb
 
+    # the run id lives in the workdir, so a resumed run (train.py again on the same workdir)
+    # continues the same W&B run instead of starting a new one
+    id_file = workdir / WANDB_ID_FILE
+    if id_file.exists():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = secrets.token_hex(8)  # wandb.util.generate_id is gone from recent wandb
+        id_file.write_text(run_id)
     return wandb.init(project=config.wandb_project, name=config.wandb_run_name or None,
-                      config=config.to_dict())
+                      config=config.to_dict(), id=run_id, resume="allow")
 
 
 class Metrics:
@@ -119,7 +131,7 @@ class Metrics:
         workdir.mkdir(parents=True, exist_ok=True)
         self.jsonl = AppendFile(workdir / METRICS_FILE)
         self.events = _tensorboard(workdir)
-        self.wandb = _wandb(config) if config.get("wandb_log", False) else None
+        self.wandb = _wandb(workdir, config) if config.get("wandb_log", False) else None
 
     def write(self, event: str, step: int, **values) -> None:
         if not self.enabled:

@@ -114,11 +114,20 @@ def wandb_history(run_file) -> list:
     return rows
 
 
-def test_wandb_offline_gets_the_same_scalars(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    """W&B offline, its run directories under tmp_path/wandb. wandb's process-wide setup keeps
+    the WANDB_DIR it first saw: tear it down around each test so each gets its own."""
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb.teardown()
+    yield
+    wandb.teardown()
+
+
+def test_wandb_offline_gets_the_same_scalars(tmp_path, wandb_offline):
     config = base_config()
     config.wandb_log, config.wandb_project, config.wandb_run_name = True, "jaxgpt", "test"
     write_run(tmp_path / "run", config)
@@ -134,6 +143,22 @@ def test_wandb_offline_gets_the_same_scalars(tmp_path, monkeypatch):
             if not k.startswith("_"):
                 got.setdefault(k, []).append((row["_step"], pytest.approx(v)))
     assert got == expected_scalars()
+
+
+def test_wandb_resumed_run_keeps_its_id(tmp_path, wandb_offline):
+    config = base_config()
+    config.wandb_log, config.wandb_project, config.wandb_run_name = True, "jaxgpt", "test"
+    ids = []
+    for workdir in ("run", "run", "other"):  # a start, its resumption, another run
+        m = metrics.Metrics(tmp_path / workdir, config)
+        ids.append(m.wandb.id)
+        m.close()
+    assert ids[0] == ids[1] != ids[2]
+    for workdir, run_id in (("run", ids[0]), ("other", ids[2])):
+        assert (tmp_path / workdir / metrics.WANDB_ID_FILE).read_text() == run_id
+    # offline-run-<time>-<id>, with "-1" after it when a resumption starts in the same second
+    runs = sorted(p.name.split("-")[3] for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert runs == sorted(ids)
 
 
 def test_wandb_asked_for_but_missing(monkeypatch):
