@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt import parallel
+from jaxgpt import bins, parallel
 from jaxgpt.data import Dataset
 
 
@@ -90,15 +90,21 @@ class DeviceBatches:
         pass
 
 
-def local_batch(data: np.ndarray, seed, step: int, shape, block_size: int, rows: np.ndarray):
+def local_batch(data, seed, step: int, shape, block_size: int, rows: np.ndarray):
     """Rows `rows` (of the last axis of `shape`) of the global batch of `step`: x, y (..., r, T).
 
     The window offsets of the whole global batch come from (seed, step) alone, so every process
-    agrees on them and a run with any number of processes sees the same batches.
+    agrees on them and a run with any number of processes sees the same batches. `data`: one
+    token array (N,), or bins.Shards, whose window starts are numbered through its shards (one
+    shard draws exactly what the same tokens in one array do).
     """
     rng = np.random.default_rng([*np.atleast_1d(seed), step])
-    offsets = rng.integers(0, len(data) - block_size, size=tuple(shape))[..., rows]  # (..., r)
-    window = data[offsets[..., None] + np.arange(block_size + 1)].astype(np.int32)  # (..., r, T+1)
+    shards = isinstance(data, bins.Shards)
+    starts = data.num_starts(block_size) if shards else len(data) - block_size
+    offsets = rng.integers(0, starts, size=tuple(shape))[..., rows]  # (..., r)
+    window = data.windows(offsets, block_size) if shards else \
+        data[offsets[..., None] + np.arange(block_size + 1)]
+    window = window.astype(np.int32)  # (..., r, T+1)
     return window[..., :-1], window[..., 1:]  # (..., r, T), (..., r, T)
 
 

@@ -37,7 +37,8 @@ def parse_flags(argv, positional=()):
     """absl's parser, with ml_collections override errors (a misspelled --config.KEY, a value
     of the wrong type) turned into one line instead of a traceback; exactly the `positional`
     arguments (names, for the message) besides the flags, or at least as many where the last
-    name ends in "..." (one or more of it: ("WORKDIR...",))."""
+    name ends in "..." (one or more of it: ("WORKDIR...",)); a name in brackets may be left out
+    ("[SOURCE]", "OUT_DIR": one or two)."""
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:
@@ -46,7 +47,8 @@ def parse_flags(argv, positional=()):
         _fail(f"bad --config override: {_one_line(e)}")
     given = len(rest) - 1
     more = bool(positional) and positional[-1].endswith("...")
-    if given < len(positional) if more else given != len(positional):
+    required = sum(not name.startswith("[") for name in positional)  # "[NAME]": optional
+    if given < required or (not more and given > len(positional)):
         expected = f"expected {' '.join(positional)}" if positional else "unexpected arguments"
         _fail(f"{expected} (got: {' '.join(rest[1:]) or 'none'})")
     return rest

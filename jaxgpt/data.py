@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxgpt import parallel
+from jaxgpt import bins, parallel
 from jaxgpt import tokenizer as tokenizers
 from jaxgpt.errors import UserError
 from jaxgpt.workdir import as_path, is_remote
@@ -153,8 +153,8 @@ def _check_tokenizer(dataset: Dataset, tokenizer, config) -> Dataset:
 # ---------------------------------------------------------------------------------------------
 # GPT-2 BPE token files (nanoGPT's format, written by jaxgpt/prepare.py), read by np.memmap
 
-BIN_DTYPE = np.uint16  # GPT-2's 50257 ids fit; nanoGPT's data/openwebtext/prepare.py writes this
-BIN_FILES = ("train.bin", "val.bin", "meta.json")
+BIN_DTYPE = bins.BIN_DTYPE
+BIN_FILES = ("train.bin", "val.bin", bins.META)
 
 
 def bin_dir(config) -> Path:
@@ -164,14 +164,20 @@ def bin_dir(config) -> Path:
     root = cache_dir(config)
     if is_remote(_data_dir(config)):
         remote = as_path(_data_dir(config))
-        nested = not (remote / "train.bin").exists()
+        nested = not (remote / "train.bin").exists() and not (remote / bins.META).exists()
         _mirror(remote / config.dataset if nested else remote,
                 root / config.dataset if nested else root)
-    return root if (root / "train.bin").is_file() else root / config.dataset
+    return root if _has_bins(root) else root / config.dataset
+
+
+def _has_bins(d: Path) -> bool:
+    return (d / "train.bin").is_file() or bool(bins.read_meta(d).get("files"))
 
 
 def _mirror(src, dst: Path) -> None:
-    for name in BIN_FILES:
+    meta = json.loads((src / bins.META).read_text()) if (src / bins.META).exists() else {}
+    listed = [f["name"] for split in meta.get("files", {}).values() for f in split]
+    for name in dict.fromkeys([*BIN_FILES, *listed]):  # the bins, and shards meta.json lists
         if not (src / name).exists():
             continue
         size = (src / name).stat().length
@@ -187,23 +193,27 @@ def _mirror(src, dst: Path) -> None:
 
 
 def load_bins(config, tokenizer=None) -> Dataset:
-    """Open train.bin / val.bin as read-only memmaps: nothing is read until a batch is drawn.
-    `tokenizer` (the weights' a run starts from) must match the bins' meta.json."""
+    """Open the train and val token files as read-only memmaps (several shards: one `Shards`
+    per split): nothing is read until a batch is drawn. `tokenizer` (the weights' a run starts
+    from) must match the bins' meta.json."""
     d = bin_dir(config)
-    if not (d / "train.bin").is_file() or not (d / "val.bin").is_file():
+    meta = bins.read_meta(d)
+    if not all(bins.has_split(d, split, meta) for split in bins.SPLITS):
         raise UserError(f"config.dataset={config.dataset!r}: no train.bin/val.bin in {d}; "
                         f"prepare them with `python -m jaxgpt.prepare TEXT {d}` or set "
                         "--config.data_dir (char-level datasets: shakespeare_char, char)")
-    meta_path = d / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}  # nanoGPT's bins
     kind = meta.get("tokenizer", {"kind": "gpt2"})
     # GPT-2's tables load on the first encode/decode: training needs only the vocabulary size
     tok = tokenizers.BPETokenizer(lazy=True) if kind == {"kind": "gpt2"} else \
         tokenizers.from_dict(kind)
-    train, val = (np.memmap(d / f"{name}.bin", dtype=BIN_DTYPE, mode="r")
-                  for name in ("train", "val"))
+    train, val = (bins.open_split(d, split, meta) for split in bins.SPLITS)
     for name, split in (("train", train), ("val", val)):
-        if len(split) <= config.block_size + 1:
+        if isinstance(split, bins.Shards):  # windows stay inside a shard
+            if split.num_starts(config.block_size) < 2:
+                raise UserError(f"{d / name}_*.bin: fewer than two windows of block_size+1="
+                                f"{config.block_size + 1} tokens fit in its shards: prepare "
+                                "larger shards (--shard_tokens) or use a smaller block_size")
+        elif len(split) <= config.block_size + 1:
             raise UserError(f"{d / name}.bin has {len(split)} tokens, fewer than block_size+2="
                             f"{config.block_size + 2}: use more text or a smaller block_size")
     return _check_tokenizer(Dataset(train=train, val=val, tokenizer=tok, on_host=True),

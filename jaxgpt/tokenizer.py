@@ -85,6 +85,10 @@ class BPETokenizer:
     def encode(self, s: str) -> list[int]:
         return self._enc.encode(s, allowed_special={"<|endoftext|>"})
 
+    def encode_ordinary(self, s: str) -> list[int]:
+        """Every character as text, "<|endoftext|>" too (nanoGPT's prepare.py encodes so)."""
+        return self._enc.encode_ordinary(s)
+
     def decode(self, ids) -> str:
         return self._enc.decode([int(i) for i in ids])
 
@@ -194,7 +198,11 @@ def _gpt2_encoding():
         raise UserError("GPT-2 BPE needs tiktoken: pip install 'jaxgpt[bpe]'") from e
     try:
         return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # noqa: BLE001  tiktoken fetches its files once, then caches them
+    except Exception:  # noqa: BLE001  tiktoken fetches its files once, then caches them
+        pass
+    try:  # the same ranks, pattern and <|endoftext|> from another file, which may be cached
+        return tiktoken.get_encoding("r50k_base")
+    except Exception as e:  # noqa: BLE001
         raise UserError(f"GPT-2's BPE vocabulary is not in tiktoken's cache "
                         f"{tiktoken_cache_dir()} and could not be downloaded "
                         f"({type(e).__name__}); offline? copy that cache from a machine where "
