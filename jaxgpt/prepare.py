@@ -128,10 +128,14 @@ def _import_datasets():
 
 
 def _local_files(name: str) -> list[str]:
-    """The .parquet / .jsonl / .json files `name` points at (a file, a directory, a glob)."""
+    """The .parquet / .jsonl / .json files `name` points at: a file, a glob, or a directory's
+    .parquet / .jsonl files (its .json files may be metadata, such as save_to_disk's)."""
     path = Path(name).expanduser()
-    found = sorted(path.rglob("*")) if path.is_dir() else [path] if path.is_file() else \
-        sorted(map(Path, glob.glob(str(path), recursive=True)))
+    if path.is_dir():
+        found = [p for p in sorted(path.rglob("*")) if p.suffix in (".parquet", ".jsonl")]
+    else:
+        found = [path] if path.is_file() else sorted(map(Path, glob.glob(str(path),
+                                                                         recursive=True)))
     return [str(p) for p in found if p.suffix in HF_FILE_BUILDERS and p.is_file()]
 
 
@@ -162,18 +166,25 @@ def load_hf(name: str, config: str | None = None, split: str = "train", num_proc
                         "or pass a save_to_disk directory or parquet/JSONL files") from None
     except ValueError as e:  # an unknown config or split
         raise UserError(f"--hf_dataset {name}: {_first_line(e)}") from None
+    except datasets.exceptions.DatasetGenerationError as e:  # a file that is not what it says
+        raise UserError(f"--hf_dataset {name}: could not read it "
+                        f"({_first_line(e.__cause__ or e)})") from None
 
 
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def split_documents(rows, val_fraction: float):
+def split_documents(rows, val_fraction: float) -> dict:
     """nanoGPT's val split: a seeded shuffle of the documents, the first val_fraction of them
-    val and the rest train, each in the shuffled order (datasets' own train_test_split)."""
-    split = rows.train_test_split(test_size=val_fraction, seed=NANOGPT_SEED, shuffle=True,
-                                  keep_in_memory=True)  # the indices in memory, not a cache file
-    return {"train": split["train"], "val": split["test"]}
+    val and the rest train, each in the shuffled order. datasets' own train_test_split draws
+    it, over the row numbers alone: on `rows` itself it would write its indices as cache files
+    next to the data (a save_to_disk directory)."""
+    datasets = _import_datasets()
+    numbers = datasets.Dataset.from_dict({"i": np.arange(len(rows))})  # in memory
+    split = numbers.train_test_split(test_size=val_fraction, seed=NANOGPT_SEED, shuffle=True)
+    return {name: rows.select(split[key]["i"], keep_in_memory=True)
+            for name, key in (("train", "train"), ("val", "test"))}
 
 
 def _check_rows(rows, text_column: str) -> None:
