@@ -82,7 +82,7 @@ def _pool(num_proc: int):
     return multiprocessing.get_context("fork").Pool(num_proc)
 
 
-def _in_order(pool, fn, tasks):
+def _in_order(pool, fn, tasks, num_proc: int):
     """fn(task) for each task, in order; at most 4 tasks a process ahead of the consumer, so
     memory stays flat however long the input."""
     if pool is None:
@@ -91,7 +91,7 @@ def _in_order(pool, fn, tasks):
     pending = deque()
     for task in tasks:
         pending.append(pool.apply_async(fn, (task,)))
-        if len(pending) >= 4 * pool._processes:
+        if len(pending) >= 4 * num_proc:
             yield pending.popleft().get()
     while pending:
         yield pending.popleft().get()
@@ -204,8 +204,8 @@ def _prepare_hf(rows, out_dir, val_fraction, tok, shard_tokens, num_proc, text_c
         for name, part in splits.items():
             tasks = ((name, i, min(i + ROWS_PER_TASK, len(part)))
                      for i in range(0, len(part), ROWS_PER_TASK))
-            files[name] = _write_split(out_dir, name, _in_order(pool, _encode_rows, tasks),
-                                       shard_tokens, bar)
+            encoded = _in_order(pool, _encode_rows, tasks, num_proc)
+            files[name] = _write_split(out_dir, name, encoded, shard_tokens, bar)
     return files
 
 
@@ -303,8 +303,8 @@ def _prepare_text(source, out_dir, total, val_fraction, tok, shard_tokens, num_p
                                        desc="tokenizing", dynamic_ncols=True) as bar:
         for name in bins.SPLITS:
             tasks = _tasks(_split_by_characters(_pieces(source), n_train), name)
-            files[name] = _write_split(out_dir, name, _in_order(pool, _encode_text_task, tasks),
-                                       shard_tokens, bar)
+            encoded = _in_order(pool, _encode_text_task, tasks, num_proc)
+            files[name] = _write_split(out_dir, name, encoded, shard_tokens, bar)
     return files
 
 
