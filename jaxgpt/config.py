@@ -63,6 +63,11 @@ def base_config() -> ml_collections.ConfigDict:
     # each before that iter's step: the last after max_iters-1 steps); False: nanoGPT's (the
     # last eval after all max_iters steps)
     c.eval_before_last_step = False
+    # a HellaSwag JSONL file (jaxgpt/hellaswag.py) scored at every eval, as hellaswag_acc and
+    # hellaswag_acc_norm beside the losses ("" = none); its first hellaswag_limit examples
+    # (0 = all), batch_size // 4 examples per call
+    c.hellaswag_path = ""
+    c.hellaswag_limit = 0
     # printed count: "nanogpt" (no position embeddings) | "all" (the lecture's
     # `sum(p.numel() ...)`, printed as gpt.py does)
     c.param_count = "nanogpt"
@@ -116,6 +121,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "gradient_accumulation_steps", "steps_per_call", "keep_best"):
         if config[key] <= 0:
             raise UserError(f"config.{key}={config[key]}: must be a positive integer")
+    if config.hellaswag_limit < 0:
+        raise UserError(f"config.hellaswag_limit={config.hellaswag_limit}: must be >= 0 "
+                        "(0 = every example)")
     if config.learning_rate <= 0 or config.min_lr < 0:
         raise UserError("config.learning_rate must be > 0 and config.min_lr >= 0")
     if config.grad_clip < 0 or config.weight_decay < 0:

@@ -75,7 +75,7 @@ def read_text(config) -> str:
                         "--config.data_path=/path/to/text.txt")
     path = cache_dir(config) / "shakespeare_char" / "input.txt"
     if not path.is_file():
-        _download(SHAKESPEARE_URL, path)
+        download(SHAKESPEARE_URL, path)
     return read_utf8(path)
 
 
@@ -86,15 +86,17 @@ def read_utf8(path) -> str:
         raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def _download(url: str, path: Path) -> None:
+def download(url: str, path: Path,
+             instead: str = "pass a local copy with --config.data_path=/path/to/input.txt"
+             ) -> None:
+    """`url` into `path`, once; offline, a UserError ending in what to do `instead`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".part")
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
             tmp.write_bytes(r.read())
     except OSError as e:
-        raise UserError(f"could not download {url} ({e}); offline? pass a local copy with "
-                        "--config.data_path=/path/to/input.txt") from None
+        raise UserError(f"could not download {url} ({e}); offline? {instead}") from None
     tmp.replace(path)  # never leave a half-written file where a good one is expected
 
 

@@ -23,6 +23,7 @@ from jaxgpt import (
     checkpoint,
     compile_cache,
     datasets,
+    hellaswag,
     lock,
     parallel,
     preemption,
@@ -62,6 +63,7 @@ def setup(config, *, dataset=None, mesh=None) -> Setup:
     model = make_model(config, dataset.tokenizer.vocab_size)
     mesh = mesh or parallel.make_mesh(config)
     parallel.check_batch(config, mesh)
+    dataset = hellaswag.with_hellaswag(dataset, config, model, mesh)  # scored at every eval
     state = step.create_train_state(config, model, mesh)
     source = batches_lib.make(dataset, config, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -233,7 +235,8 @@ class Loop:
         losses = estimate_loss(self.s, self.state.params, key, on_call)
         if losses is None:
             return None
-        # a task's own measure (addition: exact-match accuracy on held-out problems)
+        # a task's own measures (addition: exact-match accuracy on held-out problems;
+        # hellaswag_path: HellaSwag's acc and acc_norm)
         evaluate = self.s.dataset.evaluate
         extra = evaluate(self.s.model, self.state.params) if evaluate else {}
         self._each("after_eval", losses, extra)
