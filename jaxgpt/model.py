@@ -7,7 +7,7 @@ one batched op (`CausalSelfAttention`, the lecture's exercise 1 and nanoGPT's fo
 Submodule names follow nanoGPT/GPT-2 (`wte`, `wpe`, `h_0`, `c_attn`, `c_proj`, `ln_f`) so weights
 import by name (see convert.py). Sampling's KV cache lives in `CausalSelfAttention` alone: it is
 passed in and returned as a value, and a `heads` model is sampled through its fused form
-(`fused`, below).
+(`fused`, below). Every head's softmax weights come out through `attention_maps`.
 """
 
 import dataclasses
@@ -282,6 +282,7 @@ class Head(nn.Module):
         wei = q @ k.swapaxes(-2, -1) * k.shape[-1] ** -0.5  # (B, T, hs) @ (B, hs, T) -> (B, T, T)
         wei = jnp.where(causal_mask(T), wei, -jnp.inf)  # (B, T, T) a decoder: no future
         wei = jax.nn.softmax(wei.astype(jnp.float32), axis=-1).astype(x.dtype)  # (B, T, T)
+        self.sow("intermediates", "attention", wei)  # kept only if asked (`attention_maps`)
         wei = self.dropout(wei, deterministic=deterministic)
         v = self.value(x)  # (B, T, hs)
         return wei @ v  # (B, T, T) @ (B, T, hs) -> (B, T, hs)
@@ -370,6 +371,7 @@ class CausalSelfAttention(nn.Module):
         wei = wei * q.shape[-1] ** -0.5  # (B, nh, T, hs) @ (B, nh, hs, S) -> (B, nh, T, S)
         wei = jnp.where(attention_mask(T, S, pos), wei, -jnp.inf)  # (B, nh, T, S)
         wei = jax.nn.softmax(wei, axis=-1).astype(v.dtype)  # (B, nh, T, S)
+        self.sow("intermediates", "attention", wei)  # kept only if asked (`attention_maps`)
         wei = self.attn_dropout(wei, deterministic=deterministic)
         return wei @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
 
@@ -519,6 +521,29 @@ def fused(model: nn.Module, params):
     params = {name: {**p, "attn": fuse_heads(p["attn"], cfg)} if name.startswith("h_") else p
               for name, p in params.items()}
     return GPT(dataclasses.replace(cfg, attention="fused")), params
+
+
+def attention_maps(model: nn.Module, params, idx) -> jax.Array:
+    """The softmax weights of every head of `model` (a GPT) on idx (T,) or (1, T) token ids:
+    (n_layer, n_head, T, T) float32, row t the weights query t puts on keys 0..t.
+
+    The attention modules `sow` their weights into the "intermediates" collection, stored only
+    when asked for (`mutable=["intermediates"]`), so training and sampling keep none. The fused
+    kernels (attention_impl "xla", "cudnn") compute no weights: the model is applied with the
+    explicit softmax instead, the same function. A `heads` model's heads are stacked in order.
+    """
+    if not isinstance(model, GPT):
+        raise UserError("attention maps need a GPT: the bigram model has no attention")
+    idx = jnp.asarray(idx).reshape(1, -1)  # (1, T)
+    model = GPT(dataclasses.replace(model.config, attention_impl="softmax"))
+    _, state = model.apply({"params": params}, idx, mutable=["intermediates"])
+    layers = [state["intermediates"][f"h_{i}"]["attn"] for i in range(model.config.n_layer)]
+    if model.config.attention == "heads":  # one (1, T, T) per head
+        maps = [jnp.stack([l[f"heads_{h}"]["attention"][0][0] for h in range(model.config.n_head)])
+                for l in layers]  # n_layer x (nh, T, T)
+    else:  # one (1, nh, T, T) per layer
+        maps = [l["attention"][0][0] for l in layers]  # n_layer x (nh, T, T)
+    return jnp.stack(maps).astype(jnp.float32)  # (n_layer, nh, T, T)
 
 
 def make_model(config, vocab_size: int) -> nn.Module:

@@ -149,3 +149,83 @@ def test_reads_and_writes_a_gcs_workdir(gcs):
     image = imread(io.BytesIO(out.read_bytes()))
     assert image.ndim == 3 and image[..., :3].std() > 0
     assert not Path("gs:").exists()  # nothing went to a local directory named gs:
+
+
+# ---------------------------------------------------------------------------------------------
+# --attention: heat maps of a trained model's heads
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two tiny trained char-level workdirs, 2 and 4 heads, on the same text."""
+    from tests.conftest import synthetic_text
+
+    root = tmp_path_factory.mktemp("attention")
+    (root / "input.txt").write_text(synthetic_text(20000))
+    runs = {}
+    for n_head in (2, 4):
+        runs[n_head] = root / f"heads{n_head}"
+        train(tiny(root / "input.txt", n_head=n_head, max_iters=4, eval_interval=2,
+                   steps_per_call=2), runs[n_head])
+    return runs
+
+
+def test_attention_draws_model_attention_maps(trained):
+    from jaxgpt import model as model_lib
+    from jaxgpt.pretrained import load_run
+
+    text = "the cat sat on a mat.\n"  # 22 characters: clipped to block_size=16, the last kept
+    maps, labels, layers = plot.attention(trained[4], text)
+    run = load_run(trained[4])
+    ids = run.tokenizer.encode(text[-16:])
+    np.testing.assert_array_equal(maps, model_lib.attention_maps(run.model, run.params,
+                                                                 np.asarray(ids)))
+    assert maps.shape == (2, 4, 16, 16) and layers == [0, 1]
+    assert labels == [c.replace(" ", "\u00b7").replace("\n", "\\n") for c in text[-16:]]
+    one, _, layers = plot.attention(trained[4], text, layer=1)
+    assert layers == [1]
+    np.testing.assert_array_equal(one, maps[1:])
+    fig = plot.attention_figure(maps, labels, [0, 1])
+    drawn = [ax for ax in fig.axes if ax.get_images()][: 2 * 4]
+    for i, ax in enumerate(drawn):  # row-major: layer i // 4, head i % 4
+        np.testing.assert_array_equal(ax.get_images()[0].get_array(), maps[i // 4, i % 4])
+        assert [t.get_text() for t in ax.get_xticklabels()] == labels
+
+
+def test_attention_cli_writes_a_png_that_grows_with_heads(trained, tmp_path):
+    sizes = {}
+    for n_head, workdir in trained.items():
+        r = run_plot(workdir, "--attention", "the dog ran home.")
+        assert r.returncode == 0, r.stderr
+        out = workdir / "attention.png"
+        assert r.stdout.strip() == str(out)
+        sizes[n_head] = imread(out).shape
+        assert imread(out)[..., :3].std() > 0
+    assert sizes[4][1] > sizes[2][1]  # wider: one column per head
+    assert sizes[4][0] == sizes[2][0]  # as tall: one row per layer, both have 2
+    r = run_plot(trained[2], "--attention", "the dog", "--layer", "1", "--out",
+                 tmp_path / "one.png")
+    assert r.returncode == 0, r.stderr
+    assert imread(tmp_path / "one.png").shape[0] < sizes[2][0]  # one row of maps, not two
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attention", "the cat \u00e9"], "outside the vocabulary"),
+    (["--attention", ""], "--attention is empty"),
+    (["--attention", "the", "--layer", "2"], "--layer=2"),
+    (["--layer", "0"], "--layer needs --attention"),
+])
+def test_attention_bad_input_is_one_line(trained, args, message):
+    r = run_plot(trained[2], *args)
+    assert_one_line_error(r)
+    assert message in r.stderr
+
+
+def test_bpe_tick_labels_are_decoded_tokens():
+    from jaxgpt.tokenizer import BPETokenizer
+    from tests.conftest import byte_encoding
+
+    tokenizer = BPETokenizer(byte_encoding())  # byte-level: one token a byte
+    ids = tokenizer.encode("hi there\n")
+    assert plot.token_labels(tokenizer, ids) == ["h", "i", "\u00b7", "t", "h", "e", "r", "e",
+                                                 "\\n"]
