@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from jaxgpt import cli, parallel
+from jaxgpt import cli, parallel, pretrained
 from jaxgpt import config as config_lib
 from jaxgpt import data as data_lib
 from jaxgpt.errors import UserError
@@ -221,8 +221,6 @@ def data_file(data: str | None):
 
 
 def load_model(workdir: str | None, init_from: str | None, which: str):
-    from jaxgpt import pretrained
-
     if init_from:
         return pretrained.load(init_from)
     return pretrained.load_run(workdir, which)

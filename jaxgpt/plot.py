@@ -23,7 +23,8 @@ import json
 from absl import flags, logging
 from etils import epath
 
-from jaxgpt import cli
+from jaxgpt import cli, pretrained
+from jaxgpt import model as model_lib
 from jaxgpt.errors import UserError
 from jaxgpt.workdir import as_path
 
@@ -147,9 +148,6 @@ def attention(workdir, text: str, layer: int | None = None):
     (len(layers), n_head, T, T) numpy float32 from `model.attention_maps`, T the text's tokens
     (its last block_size), labels one string a token, layers the layer indices shown."""
     import numpy as np
-
-    from jaxgpt import model as model_lib
-    from jaxgpt import pretrained
 
     if not text:
         raise UserError("--attention is empty: give the text to look at")
