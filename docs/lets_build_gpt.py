@@ -17,47 +17,121 @@
 # # Let's build GPT — in JAX
 #
 # This notebook walks the path of Andrej Karpathy's lecture *Let's build GPT: from scratch, in
-# code, spelled out* chapter by chapter, in JAX and Flax instead of PyTorch. The model is the
-# same; the style is functional: a module holds no weights, parameters are a value you pass in,
-# randomness is a key you pass in, and a training step is a pure function that `jax.jit`
-# compiles once. Where the lecture writes a PyTorch line, the cell often shows it in a comment
-# beside the JAX one.
+# code, spelled out* in JAX and Flax instead of PyTorch. As in the lecture, you write the model
+# yourself, cell by cell — `Head`, `MultiHeadAttention`, `FeedForward`, `Block`, the GPT — and
+# train each step briefly, so the lecture's story of a falling validation loss comes out of this
+# notebook's own runs. Then the notebook checks that what you wrote is exactly
+# `jaxgpt.model.GPT` with the lecture's settings (`attention="heads"`), and only after that shows
+# what nanoGPT changes and what each change buys.
 #
-# Each chapter ends with where the idea lives in `jaxgpt` and which test proves its claim;
+# The style is functional: a module holds no weights, parameters are a value you pass in,
+# randomness is a key you pass in, and a training step is a pure function that `jax.jit`
+# compiles once. Where the lecture writes a PyTorch line, a comment often shows it beside the JAX
+# one. Sections end with where the idea lives in `jaxgpt` and which test checks it;
 # [lecture.md](lecture.md) has the whole table.
 #
-# **Running it.** From a checkout: `pip install -e ".[notebook]"`, then open this notebook
-# (`docs/lets_build_gpt.ipynb`; its source is `docs/lets_build_gpt.py`, a jupytext pair). On
-# Colab: upload or clone the repository, `%pip install -e <repo>[notebook]`, open the notebook
-# from `docs/`. Every cell runs on a laptop CPU. The outputs saved in the notebook come from a
-# run at the settings below on a 2-core CPU shared with other jobs, which took 6 minutes, 4.4
-# of them in the 2000 training steps (about 40 s on an idle machine, see `docs/performance.md`).
-# A GPU or TPU runtime runs the same code.
+# **Running it.** The next cell sets up any runtime:
+#
+# - *a checkout* (`pip install -e ".[notebook]"` installs Jupyter too, then `jupyter lab
+#   docs/lets_build_gpt.ipynb`): it finds the checkout and installs nothing;
+# - *Colab* (File → Open notebook → GitHub, or upload `docs/lets_build_gpt.ipynb`): first clone
+#   the repository into `/content/jaxgpt` (`!git clone <the repository's URL> /content/jaxgpt`)
+#   or set `JAXGPT_SOURCE` to anything pip can install jaxgpt from (a git URL, a wheel). The cell
+#   pip-installs jaxgpt with the extra the runtime needs — `[cuda12]` on a GPU runtime, `[tpu]`
+#   on a TPU runtime, none on a CPU one — plus matplotlib. A fresh install needs no restart; if
+#   pip had to replace a package this kernel had already imported, the cell says so and asks
+#   for *Runtime → Restart session*, then run it again.
+#
+# jaxgpt needs Python 3.12 or newer. Every cell runs on a laptop CPU; the last cell prints how
+# long each part took on the machine that ran it (for the saved outputs: the CPU named in the
+# next cell's output). On a GPU or TPU runtime the same cells run unchanged.
+
+# %%
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+if sys.version_info < (3, 12):
+    raise SystemExit(f"jaxgpt needs Python 3.12 or newer; this kernel runs {sys.version.split()[0]}")
+
+
+def find_checkout():
+    """A jaxgpt checkout: this directory or one above it (docs/ of a clone), or Colab's clone."""
+    for d in (Path.cwd(), *Path.cwd().parents, Path("/content/jaxgpt")):
+        if (d / "jaxgpt" / "__init__.py").is_file() and (d / "pyproject.toml").is_file():
+            return d
+    return None
+
+
+def accelerator_extra():
+    """jaxgpt's extra for this runtime's accelerator: the JAX build that drives it."""
+    if os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_ACCELERATOR_TYPE") \
+            or Path("/dev/accel0").exists() or Path("/dev/vfio/0").exists():
+        return "tpu"
+    return "cuda12" if shutil.which("nvidia-smi") else None
+
+
+def pip_install(source):
+    """Install jaxgpt (non-editable: importable at once, no restart) with this runtime's extras."""
+    extras = ",".join(e for e in ("plot", accelerator_extra()) if e)
+    req = f"{source}[{extras}]" if Path(source).is_dir() else f"jaxgpt[{extras}] @ {source}"
+    before = {name: m.__version__ for name, m in list(sys.modules.items())
+              if "." not in name and isinstance(getattr(m, "__version__", None), str)}
+    print("pip install", req)
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", req])
+    importlib.invalidate_caches()
+    for name, version in before.items():  # a package this kernel already imported changed
+        try:
+            if importlib.metadata.version(name) != version:
+                raise SystemExit(f"pip replaced {name} {version}, which this kernel had already "
+                                 "imported: restart the runtime (Colab: Runtime > Restart "
+                                 "session), then run this cell again")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+
+
+checkout = find_checkout()
+if importlib.util.find_spec("jaxgpt") is None:
+    source = os.environ.get("JAXGPT_SOURCE") or checkout
+    if source is None:
+        raise SystemExit("jaxgpt is not installed and no checkout is here: clone the repository "
+                         "(Colab: !git clone <its URL> /content/jaxgpt) or set JAXGPT_SOURCE to "
+                         "a pip-installable source, then run this cell again")
+    if checkout is not None and not os.environ.get("JAXGPT_SOURCE") and "google.colab" not in sys.modules:
+        sys.path.insert(0, str(checkout))  # a checkout that is not installed: use it in place
+    else:
+        pip_install(source)
+
+import jaxgpt  # noqa: E402  after the install
+
+if importlib.util.find_spec("configs") is None and checkout is not None:
+    sys.path.insert(0, str(checkout))  # an old install without the recipes: the checkout's
+print(f"jaxgpt from {Path(jaxgpt.__file__).parent}; Python {sys.version.split()[0]}; "
+      f"{os.cpu_count()} CPU cores")
 
 # %%
 import contextlib
+import functools
 import io
+import json
 import math
-import os
-import sys
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
-
-try:
-    import jaxgpt
-except ImportError:  # a checkout that is not pip-installed, opened in docs/
-    sys.path.insert(0, str(Path.cwd().parent))
-    import jaxgpt
-sys.path.insert(0, str(Path(jaxgpt.__file__).resolve().parents[1]))  # the recipes in configs/
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import matplotlib.pyplot as plt
 import numpy as np
 import optax
 from absl import logging as absl_logging
+from IPython.display import Image, Markdown, display
 
 from jaxgpt import batches, model, plot, pretrained, sampling, training
 from jaxgpt.tokenizer import CharTokenizer
@@ -65,24 +139,45 @@ from jaxgpt.tokenizer import CharTokenizer
 absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's informational warnings
 print(f"jax {jax.__version__} on {jax.devices()[0].platform}: {jax.devices()}")
 
+TIMES = {}  # seconds per part of the notebook, printed at the end
+
+
+@contextlib.contextmanager
+def timed(part):
+    t0 = time.perf_counter()
+    yield
+    TIMES[part] = TIMES.get(part, 0.0) + time.perf_counter() - t0
+
+
 # %% [markdown]
-# **Parameters.** `JAXGPT_NOTEBOOK_SMALL=1` shrinks the training runs and the models so that
-# CI can execute every cell in a minute or two; the numbers printed are then not the
-# lecture's. `TRAIN_LECTURE` (or `JAXGPT_NOTEBOOK_LECTURE=1`) also trains the lecture's full
-# model near the end: meant for a GPU/TPU runtime.
+# **Parameters.** `JAXGPT_NOTEBOOK_SMALL=1` shrinks every training run so that CI executes
+# every cell in a few minutes; the numbers printed are then not the lecture's. `TRAIN_LECTURE`
+# (or `JAXGPT_NOTEBOOK_LECTURE=1`) also trains the lecture's full model near the end: meant for
+# a GPU/TPU runtime.
 
 # %%
 SMALL = os.environ.get("JAXGPT_NOTEBOOK_SMALL") == "1"
 TRAIN_LECTURE = os.environ.get("JAXGPT_NOTEBOOK_LECTURE") == "1"
-BIGRAM_STEPS = 300 if SMALL else 10_000  # the lecture trains the bigram for 10000 steps
-GPT_ITERS = 30 if SMALL else 2000  # configs/shakespeare_cpu.py: nanoGPT's CPU recipe
+STAGE_ITERS = 100 if SMALL else 5000  # each step of the lecture's story: its 5000 iterations
+STAGE_EVAL_ITERS = 4 if SMALL else 200  # batches per split in each eval: the lecture's 200
+SCALED_ITERS = 30 if SMALL else 2000  # the laptop-size GPT: configs/lecture_cpu.py's 2000
+
+
+def small_run(c):
+    """CI's settings for a recipe (JAXGPT_NOTEBOOK_SMALL=1): a 2-layer model, tiny evals."""
+    if SMALL:
+        c.n_layer, c.n_embd, c.block_size = 2, 64, 32
+        c.eval_interval, c.eval_iters, c.steps_per_call = 10, 2, 10
+    return c
 
 # %% [markdown]
 # ## Reading the data
 #
-# Tiny Shakespeare: all of Shakespeare's works in one 1 MB file. The path comes from
-# `JAXGPT_SHAKESPEARE` if set; otherwise it is downloaded once, as the lecture's `wget` does,
-# into `~/.cache/jaxgpt` (where `train.py` keeps it too).
+# Tiny Shakespeare: 40,000 lines from Shakespeare's plays, about a million characters in one
+# file (the lecture's `input.txt`). The path comes from `JAXGPT_SHAKESPEARE` if set; otherwise it is
+# downloaded once, as the lecture's `wget` does, into `~/.cache/jaxgpt` (where `train.py` keeps
+# it too) — through a `.part` file renamed when complete, so an interrupted download is never
+# mistaken for the text.
 
 # %%
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -90,13 +185,15 @@ DATA_PATH = Path(os.environ.get("JAXGPT_SHAKESPEARE") or
                  Path.home() / ".cache" / "jaxgpt" / "shakespeare_char" / "input.txt")
 if not DATA_PATH.is_file():
     DATA_PATH.parent.mkdir(parents=True, exist_ok=True)
+    part = DATA_PATH.with_name(DATA_PATH.name + ".part")
     try:
-        urllib.request.urlretrieve(URL, DATA_PATH)
+        urllib.request.urlretrieve(URL, part)
     except OSError as e:
-        raise RuntimeError(f"could not download {URL} ({e}); offline? download it elsewhere and "
-                           "set JAXGPT_SHAKESPEARE=/path/to/input.txt before starting") from None
+        raise SystemExit(f"could not download {URL} ({e}); offline? download it elsewhere and "
+                         "set JAXGPT_SHAKESPEARE=/path/to/input.txt before starting") from None
+    part.replace(DATA_PATH)  # only a complete file gets the real name
 text = DATA_PATH.read_text(encoding="utf-8")
-print("length of dataset in characters:", len(text))
+print("length of dataset in characters:", len(text), "| lines:", text.count("\n"))
 print(text[:500])
 
 # %% [markdown]
@@ -121,8 +218,25 @@ tokenizer = CharTokenizer.from_text(text)  # jaxgpt's, the same table
 assert tokenizer.encode("hii there") == encode("hii there")
 
 # %% [markdown]
+# **Other tokenizers.** Characters give a tiny vocabulary and long sequences. Real models use
+# sub-word vocabularies: Google's SentencePiece, or OpenAI's tiktoken, whose GPT-2 encoding has
+# 50,257 tokens — a much larger vocabulary, much shorter sequences. jaxgpt's GPT-2 recipes use it
+# (`tokenizer.BPETokenizer`); the cell shows it where tiktoken and its tables are available.
+
+# %%
+try:
+    import tiktoken
+
+    enc = tiktoken.get_encoding("r50k_base")  # GPT-2's encoding
+    print(f"GPT-2's BPE: {enc.n_vocab} tokens; 'hii there' -> {enc.encode('hii there')}; "
+          f"the first 1000 characters: {len(enc.encode(text[:1000]))} tokens")
+except Exception as e:  # noqa: BLE001  no tiktoken, or offline without its cached tables
+    print(f"tiktoken's GPT-2 encoding is not available here ({type(e).__name__})")
+
+# %% [markdown]
 # The whole text as one array of token ids, then the first 90 % for training and the rest for
-# validation. A JAX array is immutable, like every value in this notebook.
+# validation. A JAX array is immutable, like every value in this notebook: where PyTorch writes
+# `a[i] = v`, JAX writes `a = a.at[i].set(v)`, a new array (used below).
 
 # %%
 data_all = jnp.array(encode(text), dtype=jnp.int32)  # PyTorch: torch.tensor(encode(text))
@@ -153,16 +267,22 @@ for t in range(block_size):
 # %% [markdown]
 # **The functional lens: explicit random keys.** PyTorch draws from a global generator
 # (`torch.manual_seed(1337)`, then `torch.randint(...)`). JAX has no hidden state: a random
-# function takes a key, and the same key gives the same numbers. A training loop derives the
-# key of step `s` from one root key with `jax.random.fold_in(root, s)` — so step 1234's batch
-# is the same whether or not steps 0..1233 ran in this process (which is how a resumed run
-# continues the same stream). `batches.get_batch` is the lecture's `get_batch` as a pure function
-# of (data, key), so it can run inside a compiled step.
+# function takes a key, and *the same key gives the same numbers* — so never use one key twice
+# for two different purposes, or the two draws are correlated. Two ways to make new keys:
+# `jax.random.split(key, n)` makes n independent keys from one (used for things that each need
+# their own: parameters, batches, dropout, sampling), and `jax.random.fold_in(key, i)` makes the
+# i-th key of a stream. A training loop takes step `s`'s batch key as `fold_in(batch_key, s)` —
+# so step 1234's batch is the same whether or not steps 0..1233 ran in this process (which is how
+# a resumed run continues the same stream). `batches.get_batch` is the lecture's `get_batch` as
+# a pure function of (data, key), so it can run inside a compiled step.
 
 # %%
-batch_size = 4  # how many independent sequences will we process in parallel?
 root = jax.random.PRNGKey(1337)  # PyTorch: torch.manual_seed(1337)
-xb, yb = batches.get_batch(train_data, jax.random.fold_in(root, 0), batch_size, block_size)
+batch_key, init_key, dropout_key, sample_key, demo_key = jax.random.split(root, 5)
+print("five different keys:", jax.random.key_data(batch_key)[:2], jax.random.key_data(init_key)[:2])
+
+batch_size = 4  # how many independent sequences will we process in parallel?
+xb, yb = batches.get_batch(train_data, jax.random.fold_in(batch_key, 0), batch_size, block_size)
 print("inputs:", xb.shape, "\n", xb)
 print("targets:", yb.shape, "\n", yb)
 for b in range(batch_size):  # batch dimension
@@ -176,36 +296,67 @@ for b in range(batch_size):  # batch dimension
 # ## The bigram model
 #
 # The simplest language model: the current token alone picks a row of a `vocab_size x
-# vocab_size` table, read as the logits of the next token.
+# vocab_size` table, read as the logits of the next token. You write it as a Flax module.
 #
 # **The functional lens: params as a pytree, `init` and `apply`.** A flax module is a
-# description. `model.init(key, example)` returns the parameters — a nested dict of arrays (a
-# *pytree*) — and `model.apply({"params": params}, idx)` is the forward pass as a function of
-# them. PyTorch's `model = BigramLanguageModel(vocab_size)` creates the weights inside the
-# object; here nothing is hidden.
+# description. `m.init(key, example)` returns the parameters — a nested dict of arrays (a
+# *pytree*) — and `m.apply({"params": params}, idx)` is the forward pass as a function of them.
+# PyTorch's `model = BigramLanguageModel(vocab_size)` creates the weights inside the object; here
+# nothing is hidden. `@nn.compact` lets `__call__` declare its layers inline, as PyTorch's
+# `__init__` + `forward` together.
 
 # %%
-bigram = model.BigramLanguageModel(model.GPTConfig(vocab_size=vocab_size))
-params = bigram.init(jax.random.PRNGKey(0), xb)["params"]
+class BigramLanguageModel(nn.Module):
+    vocab_size: int
+
+    @nn.compact
+    def __call__(self, idx, deterministic=True):
+        # each token directly reads off the logits for the next token from a lookup table
+        table = nn.Embed(self.vocab_size, self.vocab_size, name="token_embedding_table")
+        return table(idx)  # (B, T, C); PyTorch: self.token_embedding_table(idx)
+
+
+bigram = BigramLanguageModel(vocab_size)
+params = bigram.init(init_key, xb)["params"]
 print(jax.tree.map(jnp.shape, params))  # the pytree's structure, with shapes as leaves
 
 
-def loss_fn(params, xb, yb):
-    logits = bigram.apply({"params": params}, xb)  # (B, T, C); PyTorch: logits = m(xb)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()  # F.cross_entropy
+def loss_fn(m, params, xb, yb, key=None):
+    """Mean cross-entropy of m's logits against the targets; `key`: dropout's, when training."""
+    logits = m.apply({"params": params}, xb, deterministic=key is None,
+                     rngs={"dropout": key} if key is not None else {})  # (B, T, C)
+    # PyTorch's F.cross_entropy wants (B*T, C) logits and (B*T,) targets, hence the lecture's
+    # view(B*T, C); optax's takes any leading shape: (B, T, C) logits, (B, T) targets
+    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
 
 logits = bigram.apply({"params": params}, xb)
 print(logits.shape)
-print(f"loss at init {loss_fn(params, xb, yb):.4f}; a uniform guess would be -ln(1/{vocab_size}) "
-      f"= {math.log(vocab_size):.4f}")
+print(f"loss at init {loss_fn(bigram, params, xb, yb):.4f}; a uniform guess would be "
+      f"-ln(1/{vocab_size}) = {math.log(vocab_size):.4f}")
 
 # %% [markdown]
-# The loss at init is near `ln 65 ≈ 4.17`, a little above it because the table starts as
-# N(0, 1) noise (the lecture gets 4.87). *Test:* `test_model.py::test_loss_at_init_is_about_ln_vocab`.
+# The loss at init is near `ln 65 ≈ 4.17`, the loss of a uniform guess, a little above it
+# because the table starts as random noise (the lecture reports 4.87 with PyTorch's N(0, 1)
+# init; flax's default here is N(0, 1/65)). jaxgpt's `model.BigramLanguageModel` is this module:
+# given the same table it gives the same logits.
+
+# %%
+print("same as jaxgpt's:", np.allclose(
+    model.BigramLanguageModel(model.GPTConfig(vocab_size=vocab_size)).apply(
+        {"params": params}, xb), logits))
+
+# %% [markdown]
+# *Tests:* `test_model.py::test_loss_at_init_is_about_ln_vocab`,
+# `test_model.py::test_bigram_reads_logits_off_the_table`.
 #
 # **Generation**, the lecture's loop: take the logits at the last position, sample, append,
-# repeat. Each step gets its own key.
+# repeat. `jax.random.categorical` samples from *logits* (it applies the softmax itself), where
+# the lecture's `torch.multinomial` takes probabilities. Each step gets its own key.
+#
+# **The functional lens: `jax.jit`.** `jax.jit(f)` traces `f` once per input shape into one XLA
+# program and runs that program on every later call: Python runs only while tracing. The
+# price: a function must be pure (no hidden state) and a new input shape compiles again.
 
 # %%
 @jax.jit
@@ -215,47 +366,104 @@ def next_token(params, idx, key):
     return jax.random.categorical(key, logits)[:, None]  # (B, 1); torch.multinomial(probs, 1)
 
 
-def generate_loop(params, idx, max_new_tokens, rng):
+def generate_loop(params, idx, max_new_tokens, key):
     """The lecture's generate: idx (B, T) -> (B, T + max_new_tokens), one Python step a token."""
-    keys = jax.random.split(rng, max_new_tokens)
+    keys = jax.random.split(key, max_new_tokens)  # one key per new token
     for i in range(max_new_tokens):
-        # the bigram reads only the last token (the lecture passes all of idx): JAX compiles a
-        # function once per input shape, and a growing input would compile at every step
+        # the bigram reads only the last token (the lecture passes all of idx): a growing input
+        # would compile next_token again at every step
         idx_next = next_token(params, idx[:, -1:], keys[i])  # (B, 1)
         idx = np.concatenate([idx, idx_next], axis=1)  # (B, T+1), grown on the host
     return idx
 
 
 start = np.zeros((1, 1), dtype=np.int32)  # token 0 is the newline
-print(decode(generate_loop(params, start, 100, jax.random.PRNGKey(1))[0].tolist()))
+print(decode(generate_loop(params, start, 100, sample_key)[0].tolist()))
 
 # %% [markdown]
 # Garbage, as expected from random weights. Now train it.
 #
-# **The functional lens: `jax.value_and_grad`, optax, `jax.jit`.** PyTorch's
+# **The functional lens: `jax.value_and_grad`, optax.** PyTorch's
 # `loss.backward(); optimizer.step()` mutates `.grad` and the weights. In JAX
-# `jax.value_and_grad(loss_fn)` is a *new function* returning the loss and the gradient
-# pytree; the optax optimizer turns gradients and its own state into updates; the step returns
-# the new params and optimizer state. Being pure, the whole step compiles with `jax.jit` into
-# one XLA program, the batch sampling included.
+# `jax.value_and_grad(loss_fn)` is a *new function* returning the loss and the gradient pytree;
+# the optax optimizer turns gradients and its own state into updates, and `optax.apply_updates`
+# adds them to the params; the step returns the new params and optimizer state. Being pure, the
+# whole step compiles with `jax.jit` into one XLA program, the batch sampling included.
+# `jax.lax.scan` runs many steps inside one compiled call (a loop whose carry is the params and
+# optimizer state).
+#
+# `estimate_loss` is the lecture's, in JAX: the mean loss over `eval_iters` batches of each
+# split. PyTorch needs `@torch.no_grad()` there so that no graph is recorded; JAX computes a
+# gradient only where you ask for one (`jax.grad`), so a forward pass records nothing.
 
 # %%
-optimizer = optax.adamw(1e-3, weight_decay=0.01)  # torch.optim.AdamW(m.parameters(), lr=1e-3)
-opt_state = optimizer.init(params)
+def make_trainer(m, *, learning_rate, batch_size, block_size, eval_iters, steps_per_call):
+    """(train_steps, estimate_loss) for module m: the lecture's loop as two compiled functions.
+
+    AdamW as torch.optim.AdamW's defaults (betas 0.9/0.999, weight decay 0.01 on every param).
+    """
+    optimizer = optax.adamw(learning_rate, weight_decay=0.01)
+
+    def train_step(carry, step):
+        params, opt_state = carry
+        key = jax.random.fold_in(batch_key, step)  # step's own batch and dropout keys
+        xb, yb = batches.get_batch(train_data, key, batch_size, block_size)  # sample a batch
+        loss, grads = jax.value_and_grad(functools.partial(loss_fn, m))(
+            params, xb, yb, jax.random.fold_in(dropout_key, step))  # loss.backward()
+        updates, opt_state = optimizer.update(grads, opt_state, params)  # optimizer.step()
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    @jax.jit
+    def train_steps(params, opt_state, first_step):
+        steps = first_step + jnp.arange(steps_per_call)
+        (params, opt_state), losses = jax.lax.scan(train_step, (params, opt_state), steps)
+        return params, opt_state, losses  # losses (steps_per_call,)
+
+    @jax.jit
+    def estimate_loss(params, key):
+        out = {}
+        for split, data in (("train", train_data), ("val", val_data)):
+            keys = jax.random.split(jax.random.fold_in(key, split == "val"), eval_iters)
+            out[split] = jax.vmap(lambda k: loss_fn(m, params, *batches.get_batch(
+                data, k, batch_size, block_size)))(keys).mean()  # over eval_iters batches
+        return out
+
+    return optimizer, train_steps, estimate_loss
 
 
-@jax.jit
-def train_step(params, opt_state, rng):
-    xb, yb = batches.get_batch(train_data, rng, 32, block_size)  # sample a batch of data
-    loss, grads = jax.value_and_grad(loss_fn)(params, xb, yb)  # loss.backward()
-    updates, opt_state = optimizer.update(grads, opt_state, params)  # optimizer.step()
-    return optax.apply_updates(params, updates), opt_state, loss
+def train(m, *, max_iters, eval_interval=500, eval_iters=STAGE_EVAL_ITERS, learning_rate=1e-3,
+          batch_size=32, block_size=8, name=None):
+    """Train m as the lecture does: init, then an eval every eval_interval steps and at the end.
+    Returns (params, {"step": [...], "train": [...], "val": [...]})."""
+    eval_interval = min(eval_interval, max_iters)
+    optimizer, train_steps, estimate_loss = make_trainer(
+        m, learning_rate=learning_rate, batch_size=batch_size, block_size=block_size,
+        eval_iters=eval_iters, steps_per_call=eval_interval)
+    xb, _ = batches.get_batch(train_data, batch_key, batch_size, block_size)
+    params = jax.jit(m.init)(init_key, xb)["params"]
+    opt_state = optimizer.init(params)
+    curve = {"step": [], "train": [], "val": []}
+    eval_key = jax.random.fold_in(root, 7)  # evals' own stream
+    t0 = time.perf_counter()
+    for step in range(0, max_iters + 1, eval_interval):
+        losses = estimate_loss(params, jax.random.fold_in(eval_key, step))
+        for split in ("train", "val"):
+            curve[split].append(float(losses[split]))
+        curve["step"].append(step)
+        if step < max_iters:
+            params, opt_state, _ = train_steps(params, opt_state, step)
+    n_params = sum(p.size for p in jax.tree.leaves(params))
+    print(f"{name or type(m).__name__}: {n_params:,} params, step {max_iters}: train loss "
+          f"{curve['train'][-1]:.4f}, val loss {curve['val'][-1]:.4f} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    return params, curve
 
 
-t0 = time.perf_counter()
-for steps in range(BIGRAM_STEPS):
-    params, opt_state, loss = train_step(params, opt_state, jax.random.fold_in(root, steps))
-print(f"loss after {BIGRAM_STEPS} steps: {float(loss):.4f} ({time.perf_counter() - t0:.1f} s)")
+RESULTS = {}  # stage -> its val-loss curve: the lecture's story, measured here
+
+with timed("the lecture's steps, trained one by one"):
+    params, RESULTS["bigram"] = train(bigram, max_iters=STAGE_ITERS, name="bigram")
+print(decode(generate_loop(params, start, 300, sample_key)[0].tolist()))
 
 # %% [markdown]
 # **The functional lens: `jax.lax.scan` for the sampler.** The loop above returns to Python
@@ -266,44 +474,54 @@ print(f"loss after {BIGRAM_STEPS} steps: {float(loss):.4f} ({time.perf_counter()
 
 # %%
 @jax.jit
-def generate_scan(params, last, rng_keys):
-    """last (B,) token ids, rng_keys (N, 2) -> (B, N) new tokens, one compiled loop."""
+def generate_scan(params, last, keys):
+    """last (B,) token ids, keys (N,) -> (B, N) new tokens, one compiled loop."""
 
     def step(tok, key):  # carry: the last token (B,); one key per step
         logits = bigram.apply({"params": params}, tok[:, None])[:, -1, :]  # (B, C)
         tok = jax.random.categorical(key, logits)  # (B,)
         return tok, tok
 
-    _, toks = jax.lax.scan(step, last, rng_keys)  # toks (N, B)
+    _, toks = jax.lax.scan(step, last, keys)  # toks (N, B)
     return toks.T  # (B, N)
 
 
-rng = jax.random.PRNGKey(2)
-looped = generate_loop(params, start, 50, rng)[:, 1:]
-scanned = generate_scan(params, start[:, -1], jax.random.split(rng, 50))
+looped = generate_loop(params, start, 50, sample_key)[:, 1:]
+scanned = generate_scan(params, start[:, -1], jax.random.split(sample_key, 50))
 assert (looped == scanned).all()  # the same tokens from the same keys
-print(decode(generate_scan(params, start[:, -1], jax.random.split(rng, 500))[0].tolist()))
+print("the scan draws the loop's tokens:", bool((looped == scanned).all()))
 
 # %% [markdown]
-# Still not Shakespeare, but it has learned which letters follow which. *In jaxgpt:*
+# Not Shakespeare, but it has learned which letters follow which. *In jaxgpt:*
 # `model.BigramLanguageModel`, `configs/bigram.py` (`python train.py --config
 # configs/bigram.py`). The tokens do not talk to each other yet: that is the next step.
 #
 # ## The mathematical trick in self-attention
 #
+# First, a toy: multiplying by a lower-triangular matrix of ones *sums* the rows above; with each
+# row of the triangle normalised to sum to 1, it *averages* them.
+
+# %%
+a = jnp.tril(jnp.ones((3, 3)))
+a = a / a.sum(1, keepdims=True)
+b = jax.random.randint(jax.random.PRNGKey(42), (3, 2), 0, 10).astype(jnp.float32)
+c = a @ b
+print("a=\n", a, "\nb=\n", b, "\nc=\n", c)  # row t of c: the mean of rows 0..t of b
+
+# %% [markdown]
 # We want token `t` to see a summary of tokens `0..t` and nothing of the future. The simplest
 # summary is the mean. Four ways to compute it:
 
 # %%
 B, T, C = 4, 8, 2  # batch, time, channels
-x = jax.random.normal(jax.random.PRNGKey(1337), (B, T, C))
+x = jax.random.normal(demo_key, (B, T, C))
 
 # version 1: a loop over the past (PyTorch: xbow[b, t] = torch.mean(xprev, 0))
 xbow = np.zeros((B, T, C))
-for b in range(B):
+for b_ in range(B):
     for t in range(T):
-        xprev = x[b, : t + 1]  # (t+1, C)
-        xbow[b, t] = xprev.mean(0)
+        xprev = x[b_, : t + 1]  # (t+1, C)
+        xbow[b_, t] = xprev.mean(0)
 
 # version 2: a matrix multiply with a row-normalised lower-triangular matrix
 wei = jnp.tril(jnp.ones((T, T)))
@@ -316,6 +534,7 @@ wei = jnp.zeros((T, T))
 wei = jnp.where(tril == 0, -jnp.inf, wei)  # PyTorch: wei.masked_fill(tril == 0, float('-inf'))
 wei = jax.nn.softmax(wei, axis=-1)
 xbow3 = wei @ x
+average_wei = wei  # pictured below
 
 print(wei)
 print(np.allclose(xbow, xbow2, atol=1e-6), np.allclose(xbow, xbow3, atol=1e-6))
@@ -327,28 +546,39 @@ print(np.allclose(xbow, model.weighted_average(x), atol=1e-6))  # jaxgpt's, vers
 # for") and a key ("what do I contain"); the affinity of token `t` for token `s` is the dot
 # product of `t`'s query with `s`'s key, and what is aggregated is each token's value.
 #
-# `nn.Dense` is flax's `nn.Linear`. Like every flax module it holds no weights: `init` makes
-# them, `apply` uses them.
+# `nn.Dense` is flax's `nn.Linear`. Two differences from PyTorch: it infers its input size from
+# the first input (so only the output size is given), and its weight, `kernel`, is stored as
+# (in, out) — `x @ kernel` — where `nn.Linear.weight` is (out, in) — `x @ weight.T`. (The layers
+# are called `key_layer` etc. here, so that "key" keeps meaning a random key.)
 
 # %%
 B, T, C = 4, 8, 32  # batch, time, channels
-x = jax.random.normal(jax.random.PRNGKey(1337), (B, T, C))
+x = jax.random.normal(demo_key, (B, T, C))
 
 head_size = 16
-key = nn.Dense(head_size, use_bias=False)  # PyTorch: nn.Linear(C, head_size, bias=False)
-query = nn.Dense(head_size, use_bias=False)
-value = nn.Dense(head_size, use_bias=False)
-kp, qp, vp = (layer.init(jax.random.PRNGKey(i), x)["params"]
-              for i, layer in enumerate((key, query, value)))
-k = key.apply({"params": kp}, x)  # (B, T, 16)
-q = query.apply({"params": qp}, x)  # (B, T, 16)
+key_layer = nn.Dense(head_size, use_bias=False)  # PyTorch: nn.Linear(C, head_size, bias=False)
+query_layer = nn.Dense(head_size, use_bias=False)
+value_layer = nn.Dense(head_size, use_bias=False)
+kp, qp, vp = (layer.init(k, x)["params"] for layer, k in
+              zip((key_layer, query_layer, value_layer), jax.random.split(init_key, 3)))
+print("kernel:", kp["kernel"].shape, "(in, out)")
+k = key_layer.apply({"params": kp}, x)  # (B, T, 16)
+q = query_layer.apply({"params": qp}, x)  # (B, T, 16)
 wei = q @ jnp.swapaxes(k, -2, -1)  # (B, T, 16) @ (B, 16, T) ---> (B, T, T)
 wei = jnp.where(tril == 0, -jnp.inf, wei)
 wei = jax.nn.softmax(wei, axis=-1)
-v = value.apply({"params": vp}, x)  # (B, T, 16)
+v = value_layer.apply({"params": vp}, x)  # (B, T, 16)
 out = wei @ v  # (B, T, T) @ (B, T, 16) ---> (B, T, 16)
 print(out.shape)
 print(np.round(wei[0], 2))
+
+fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+for ax, w, title in ((axes[0], average_wei, "version 3: the plain average"),
+                     (axes[1], wei[0], "version 4: a head's affinities (random weights)")):
+    ax.imshow(np.asarray(w), cmap="viridis", vmin=0, vmax=1)
+    ax.set(title=title, xlabel="attends to token s", ylabel="token t")
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # Each row now weighs the past differently. And version 4 *contains* the other three: with a
@@ -367,19 +597,51 @@ print(np.allclose(wei0 @ x, model.weighted_average(x), atol=1e-6))
 #
 # ## One head of self-attention
 #
-# `jaxgpt.model.Head` is the cell above as a module, with the scaling by `head_size ** -0.5`
-# explained below. Given the same weights it computes the same thing.
+# The cell above as a module, with the scaling by `head_size ** -0.5` explained below. Every
+# linear layer and embedding starts from normal(0.02) with zero biases, as the lecture's
+# `_init_weights` sets them. `self.sow` records the attention weights where a caller asks for
+# them (`mutable=["intermediates"]`), for the heat maps later; otherwise it does nothing.
 
 # %%
-cfg = model.GPTConfig(vocab_size=vocab_size, block_size=T, n_embd=C, n_head=2)  # head size 16
-head = model.Head(cfg)
-head_params = head.init(jax.random.PRNGKey(0), x)["params"]
-print(jax.tree.map(jnp.shape, head_params))
+init_02 = nn.initializers.normal(0.02)  # the lecture's _init_weights: normal(0, 0.02)
 
+
+def Linear(features, bias=True, name=None):
+    """PyTorch's nn.Linear(in, features) with the lecture's init, in flax."""
+    return nn.Dense(features, use_bias=bias, kernel_init=init_02, name=name)
+
+
+class Head(nn.Module):
+    """One head of self-attention."""
+
+    head_size: int
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        B, T, C = x.shape
+        k = Linear(self.head_size, bias=False, name="key")(x)  # (B, T, hs)
+        q = Linear(self.head_size, bias=False, name="query")(x)  # (B, T, hs)
+        # compute attention scores ("affinities")
+        wei = q @ k.swapaxes(-2, -1) * self.head_size**-0.5  # (B, T, hs) @ (B, hs, T) -> (B, T, T)
+        wei = jnp.where(jnp.tril(jnp.ones((T, T), bool)), wei, -jnp.inf)  # (B, T, T)
+        wei = jax.nn.softmax(wei, axis=-1)  # (B, T, T)
+        self.sow("intermediates", "wei", wei)
+        wei = nn.Dropout(self.dropout)(wei, deterministic=deterministic)
+        # perform the weighted aggregation of the values
+        v = Linear(self.head_size, bias=False, name="value")(x)  # (B, T, hs)
+        return wei @ v  # (B, T, T) @ (B, T, hs) -> (B, T, hs)
+
+
+head = Head(head_size)
 head_params = {"key": kp, "query": qp, "value": vp}  # the weights of the cell above
 scaled = jax.nn.softmax(jnp.where(tril == 0, -jnp.inf, q @ jnp.swapaxes(k, -2, -1)
                                   * head_size**-0.5), axis=-1)  # (B, T, T)
-print(np.allclose(head.apply({"params": head_params}, x), scaled @ v, atol=1e-5))
+print("the module computes the cell above:",
+      np.allclose(head.apply({"params": head_params}, x), scaled @ v, atol=1e-5))
+cfg = model.GPTConfig(vocab_size=vocab_size, block_size=T, n_embd=C, n_head=2)  # head size 16
+print("and so does jaxgpt's model.Head:",
+      np.allclose(model.Head(cfg).apply({"params": head_params}, x), scaled @ v, atol=1e-5))
 
 # %% [markdown]
 # *Test:* `test_model.py::test_head_is_softmax_of_scaled_affinities` (against a numpy
@@ -404,22 +666,13 @@ out_shuffled = head.apply(hv, x[:, perm])
 print("last position unchanged by shuffling its past:",
       np.allclose(out[:, -1], out_shuffled[:, -1], atol=1e-5))
 
-gpt = model.GPT(model.GPTConfig(vocab_size=vocab_size, block_size=T, n_layer=1, n_head=2,
-                                n_embd=C))
-gpt_params = jax.jit(gpt.init)(jax.random.PRNGKey(0), xb)["params"]
-gpt_forward = jax.jit(gpt.apply)  # one compiled program instead of op-by-op dispatch
-idx = xb[:1]  # (1, T) token ids
-logits = gpt_forward({"params": gpt_params}, idx)
-logits_shuffled = gpt_forward({"params": gpt_params}, idx[:, perm])
-print("with position embeddings (the GPT) it changes:",
-      not np.allclose(logits[:, -1], logits_shuffled[:, -1], atol=1e-5))
-
 # %% [markdown]
 # **Batch elements never talk to each other.** Every example in the batch is processed
-# independently: change one row, and the others' outputs stay exactly as they were.
+# independently: change one row (`x.at[1].set(...)`: a copy of x with row 1 replaced), and the
+# others' outputs stay exactly as they were.
 
 # %%
-x_other = x.at[1].set(jax.random.normal(jax.random.PRNGKey(9), (T, C)))  # replace example 1
+x_other = x.at[1].set(jax.random.normal(jax.random.fold_in(demo_key, 1), (T, C)))
 out_other = head.apply(hv, x_other)
 print("example 0 unchanged:", np.allclose(out[0], out_other[0]),
       "| example 1 changed:", not np.allclose(out[1], out_other[1]))
@@ -433,19 +686,20 @@ print("example 0 unchanged:", np.allclose(out[0], out_other[0]),
 # %%
 def attention(x, masked):
     """The Head above with or without its masking line; x (B, T, C) -> (B, T, hs)."""
-    k, q, v = (layer.apply({"params": p}, x) for layer, p in ((key, kp), (query, qp), (value, vp)))
+    k, q, v = (layer.apply({"params": p}, x) for layer, p in
+               ((key_layer, kp), (query_layer, qp), (value_layer, vp)))
     wei = q @ jnp.swapaxes(k, -2, -1) * head_size**-0.5  # (B, T, T)
     if masked:
         wei = jnp.where(tril == 0, -jnp.inf, wei)  # the decoder's line
     return jax.nn.softmax(wei, axis=-1) @ v  # (B, T, hs)
 
 
-x_future = x.at[:, 5].set(jax.random.normal(jax.random.PRNGKey(7), (B, C)))  # change token 5
+x_future = x.at[:, 5].set(jax.random.normal(jax.random.fold_in(demo_key, 2), (B, C)))
 for masked in (True, False):
     before, after = attention(x, masked), attention(x_future, masked)
     print("decoder" if masked else "encoder", "outputs at 0..4 unchanged:",
           np.allclose(before[:, :5], after[:, :5], atol=1e-5))
-print("jaxgpt's Head is the decoder:", np.allclose(head.apply(hv, x), attention(x, True), atol=1e-5))
+print("the Head is the decoder:", np.allclose(head.apply(hv, x), attention(x, True), atol=1e-5))
 
 # %% [markdown]
 # **Self-attention vs cross-attention.** Here queries, keys and values all come from the same
@@ -455,21 +709,22 @@ print("jaxgpt's Head is the decoder:", np.allclose(head.apply(hv, x), attention(
 # self-attention only.
 
 # %%
-source = jax.random.normal(jax.random.PRNGKey(3), (B, 5, 20))  # (B, T_src, C_src)
-k_x = nn.Dense(head_size, use_bias=False)  # keys and values read the source...
-v_x = nn.Dense(head_size, use_bias=False)
-k = k_x.apply(k_x.init(jax.random.PRNGKey(4), source), source)  # (B, 5, 16)
-v = v_x.apply(v_x.init(jax.random.PRNGKey(5), source), source)  # (B, 5, 16)
+source = jax.random.normal(jax.random.fold_in(demo_key, 3), (B, 5, 20))  # (B, T_src, C_src)
+k_src, v_src = nn.Dense(head_size, use_bias=False), nn.Dense(head_size, use_bias=False)
+src_keys = jax.random.split(jax.random.fold_in(init_key, 3), 2)
+k = k_src.apply(k_src.init(src_keys[0], source), source)  # (B, 5, 16) keys and values read...
+v = v_src.apply(v_src.init(src_keys[1], source), source)  # (B, 5, 16) ...the source
 wei = jax.nn.softmax(q @ jnp.swapaxes(k, -2, -1) * head_size**-0.5, axis=-1)  # (B, 8, 5)
-print(wei.shape, (wei @ v).shape)  # ...the queries are still x's: 8 outputs, 5 sources each
+print(wei.shape, (wei @ v).shape)  # the queries are still x's: 8 outputs, 5 sources each
 
 # %% [markdown]
 # **Scaled attention.** With unit-variance queries and keys, `q @ k.T` has variance
 # `head_size`; multiplying by `head_size ** -0.5` brings it back to 1.
 
 # %%
-k = jax.random.normal(jax.random.PRNGKey(10), (B, T, head_size))
-q = jax.random.normal(jax.random.PRNGKey(11), (B, T, head_size))
+kq_keys = jax.random.split(jax.random.fold_in(demo_key, 4), 2)
+k = jax.random.normal(kq_keys[0], (B, T, head_size))
+q = jax.random.normal(kq_keys[1], (B, T, head_size))
 wei_raw = q @ jnp.swapaxes(k, -2, -1)
 wei = wei_raw * head_size**-0.5
 print(f"k.var() {k.var():.3f}  q.var() {q.var():.3f}  "
@@ -487,8 +742,8 @@ print(jax.nn.softmax(z * 8))  # gets too peaky, converges to one-hot
 
 print("head size | largest weight of a row (mean): unscaled  scaled")
 for hs in (16, 64, 256, 1024):
-    k = jax.random.normal(jax.random.PRNGKey(12), (B, T, hs))
-    q = jax.random.normal(jax.random.PRNGKey(13), (B, T, hs))
+    k = jax.random.normal(kq_keys[0], (B, T, hs))
+    q = jax.random.normal(kq_keys[1], (B, T, hs))
     raw = q @ jnp.swapaxes(k, -2, -1)  # (B, T, T), no mask: every row has T choices
     print(f"{hs:9d} | {jax.nn.softmax(raw).max(-1).mean():.3f}  "
           f"{jax.nn.softmax(raw * hs**-0.5).max(-1).mean():.3f}")
@@ -500,75 +755,226 @@ for hs in (16, 64, 256, 1024):
 # `test_lecture.py::test_batch_elements_never_talk`,
 # `test_lecture.py::test_decoder_mask_blocks_the_future_an_encoder_does_not`.
 #
+# ## A GPT to plug the pieces into, and positions
+#
+# The lecture grows one model class step by step, editing its `__init__` each time. Here the GPT
+# takes its middle part as an argument, `body`: a list of modules applied in turn between the
+# embeddings and the output layer, so each step of the story is the same class with a different
+# body. Token embeddings say *what* each token is; **position embeddings** say *where* it is:
+# attention has no notion of space, so without them "ab" and "ba" would look alike. A learned
+# table of `block_size` vectors, added to the token embeddings. (The original Transformer used
+# fixed sinusoids; exercise 4 below builds rotary embeddings.) The output layer `lm_head` maps
+# each position's vector to logits over the vocabulary.
+
+# %%
+class GPTLanguageModel(nn.Module):
+    """Token + position embeddings, the body's modules in turn, [ln_f], the lm_head."""
+
+    vocab_size: int
+    n_embd: int
+    block_size: int
+    body: tuple = ()  # modules applied in turn, each x (B, T, C) -> (B, T, C)
+    ln_f: bool = False
+
+    @nn.compact
+    def __call__(self, idx, deterministic=True):
+        B, T = idx.shape
+        tok_emb = nn.Embed(self.vocab_size, self.n_embd, embedding_init=init_02,
+                           name="token_embedding_table")(idx)  # (B, T, C)
+        pos_emb = nn.Embed(self.block_size, self.n_embd, embedding_init=init_02,
+                           name="position_embedding_table")(jnp.arange(T))  # (T, C)
+        x = tok_emb + pos_emb  # (B, T, C)
+        for layer in self.body:
+            x = layer(x, deterministic)  # (B, T, C)
+        if self.ln_f:
+            x = nn.LayerNorm(epsilon=1e-5, name="ln_f")(x)  # (B, T, C) the final layer norm
+        return Linear(self.vocab_size, name="lm_head")(x)  # (B, T, vocab_size)
+
+
+n_embd = 32  # the lecture's size for the story: 32 wide, a context of 8, batches of 32
+small = functools.partial(GPTLanguageModel, vocab_size, n_embd, block_size)
+
+idx = train_data[None, :block_size]  # (1, T) token ids
+swapped = idx[:, jnp.array([1, 0, 2, 3, 4, 5, 6, 7])]  # the first two tokens swapped
+for body, what, positions in (((), "embeddings only", True), ((Head(n_embd),), "one head", True),
+                              ((Head(n_embd),), "one head, positions zeroed", False)):
+    m = small(body=body)
+    p = m.init(init_key, idx)["params"]
+    if not positions:
+        p = {**p, "position_embedding_table": {"embedding": jnp.zeros((block_size, n_embd))}}
+    last = lambda i: m.apply({"params": p}, i)[0, -1]  # the last position's logits (vocab,)
+    print(f"{what:28s} swapping the first two tokens moves the last position's logits by "
+          f"{float(jnp.abs(last(idx) - last(swapped)).max()):.1e}")
+
+# %% [markdown]
+# The embeddings alone predict from the last token only (a bigram with extra steps), so the past
+# cannot matter; a head without positions reads its past as a set (the change is float
+# rounding); with position embeddings the order of the past is visible.
+# *Test:* `test_lecture.py::test_position_embeddings_give_the_gpt_a_notion_of_space`.
+#
+# Now the lecture's story: each step adds one idea and is trained for the lecture's
+# iterations, at its small size (32 wide, context 8, batch 32, learning rate 1e-3).
+
+# %%
+with timed("the lecture's steps, trained one by one"):
+    _, RESULTS["embeddings + lm_head"] = train(small(), max_iters=STAGE_ITERS,
+                                               name="embeddings + lm_head")
+    _, RESULTS["+ one self-attention head"] = train(small(body=(Head(n_embd),)),
+                                                    max_iters=STAGE_ITERS, name="one head")
+
+# %% [markdown]
 # ## Multi-head attention
 #
 # Several heads in parallel, each with a smaller head size, their outputs concatenated and
-# projected back into the residual stream: several independent channels of communication.
+# projected back to `n_embd`: several independent channels of communication.
 
 # %%
-mha = model.MultiHeadAttention(cfg)  # 2 heads of size 16
-mha_params = mha.init(jax.random.PRNGKey(0), x)["params"]
-print(jax.tree.map(jnp.shape, mha_params))
+class MultiHeadAttention(nn.Module):
+    """Multiple heads of self-attention in parallel."""
 
-heads = [model.Head(cfg).apply({"params": mha_params[f"heads_{i}"]}, x) for i in range(2)]
-proj = mha_params["c_proj"]
-by_hand = jnp.concatenate(heads, axis=-1) @ proj["kernel"] + proj["bias"]  # (B, T, C)
-print(np.allclose(mha.apply({"params": mha_params}, x), by_hand, atol=1e-5))
+    num_heads: int
+    head_size: int
+    n_embd: int
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        heads = [Head(self.head_size, self.dropout, name=f"heads_{i}")
+                 for i in range(self.num_heads)]
+        out = jnp.concatenate([h(x, deterministic) for h in heads], axis=-1)  # (B, T, nh * hs)
+        out = Linear(self.n_embd, name="proj")(out)  # (B, T, C)
+        return nn.Dropout(self.dropout)(out, deterministic=deterministic)
+
+
+x = jax.random.normal(demo_key, (B, T, C))
+mha = MultiHeadAttention(2, 16, C)
+mha_params = mha.init(init_key, x)["params"]
+print(jax.tree.map(jnp.shape, mha_params))
+heads_out = [head.apply({"params": mha_params[f"heads_{i}"]}, x) for i in range(2)]
+by_hand = jnp.concatenate(heads_out, axis=-1) @ mha_params["proj"]["kernel"] \
+    + mha_params["proj"]["bias"]  # (B, T, C)
+print("heads side by side, projected:", np.allclose(mha.apply({"params": mha_params}, x), by_hand,
+                                                    atol=1e-5))
+
+with timed("the lecture's steps, trained one by one"):
+    _, RESULTS["+ multi-head (4 heads of 8)"] = train(
+        small(body=(MultiHeadAttention(4, n_embd // 4, n_embd),)), max_iters=STAGE_ITERS,
+        name="multi-head")
 
 # %% [markdown]
-# The lecture's exercise 1 does all heads in one batched matrix multiply: that is
-# `model.CausalSelfAttention` (nanoGPT's form, the default `--config.attention=fused`).
-# *Test:* `test_model.py::test_fused_heads_equal_multi_head_attention` (same output with the
-# weights copied across), `test_lecture.py::test_multi_head_is_heads_side_by_side_projected`.
+# *In jaxgpt:* `model.MultiHeadAttention`. The lecture's exercise 1 (below) does all heads in
+# one batched matrix multiply: `model.CausalSelfAttention`, nanoGPT's form. *Tests:*
+# `test_lecture.py::test_multi_head_is_heads_side_by_side_projected`,
+# `test_model.py::test_fused_heads_equal_multi_head_attention`.
 #
 # ## Feed-forward: the computation
 #
 # After the tokens have talked, each thinks about what it gathered on its own: a small MLP
-# applied to every position independently.
+# applied to every position independently (4× wider inside, as in "Attention is all you need";
+# the lecture widens it when it adds residuals, here it is 4× from the start).
 
 # %%
-ff = model.FeedForward(cfg)
-ff_params = ff.init(jax.random.PRNGKey(0), x)["params"]
-print(jax.tree.map(jnp.shape, ff_params))
+class FeedForward(nn.Module):
+    """A simple linear layer followed by a non-linearity."""
+
+    n_embd: int
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        x = nn.relu(Linear(4 * self.n_embd, name="fc")(x))  # (B, T, 4C)
+        x = Linear(self.n_embd, name="proj")(x)  # (B, T, C) the projection back
+        return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+
+
+ff = FeedForward(C)
+ff_params = ff.init(init_key, x)["params"]
 whole = ff.apply({"params": ff_params}, x)
 one_at_a_time = jnp.concatenate([ff.apply({"params": ff_params}, x[:, t : t + 1])
                                  for t in range(T)], axis=1)
 print("per token:", np.allclose(whole, one_at_a_time, atol=1e-5))
 
+with timed("the lecture's steps, trained one by one"):
+    _, RESULTS["+ feed-forward"] = train(
+        small(body=(MultiHeadAttention(4, n_embd // 4, n_embd), FeedForward(n_embd))),
+        max_iters=STAGE_ITERS, name="attention + feed-forward")
+
 # %% [markdown]
 # *Test:* `test_lecture.py::test_feed_forward_is_per_token`.
 #
-# ## Residual connections
+# ## Blocks, residual connections, LayerNorm
 #
-# `x = x + self.sa(self.ln1(x))`, `x = x + self.ffwd(self.ln2(x))`: each block *adds* to a
-# residual stream. Addition passes gradients through unchanged, a "gradient superhighway" from
-# the loss to the first layer; the blocks' contributions start small (their output projections
-# are initialised small) and grow as they learn. At init a `Block` is nearly the identity, and
-# so is its gradient:
+# A `Block` is communication followed by computation; the GPT stacks them. Stacked plainly
+# (`x = ffwd(sa(x))`), a deep network is hard to optimise. Two fixes make depth work:
+#
+# - **Residual connections**: `x = x + self.sa(x)`, `x = x + self.ffwd(x)`. Each block *adds*
+#   to a residual stream; addition passes gradients through unchanged, a "gradient superhighway"
+#   from the loss to the first layer, and the blocks' contributions start small and grow.
+# - **LayerNorm** (the lecture's `LayerNorm1d`, below): normalise each token's features before
+#   each sub-layer (pre-norm, as GPT-2: `x = x + self.sa(self.ln1(x))`) and once at the end
+#   (`ln_f`).
+#
+# The Block below has both as switches, so the story can train it with and without them.
 
 # %%
-block = model.Block(cfg)
-block_params = jax.jit(block.init)(jax.random.PRNGKey(0), x)["params"]
-print(jax.tree.map(jnp.shape, block_params))
-y, _ = block.apply({"params": block_params}, x)  # (B, T, C), and the KV cache: None here
-print(f"|block(x) - x| / |x| = {jnp.linalg.norm(y - x) / jnp.linalg.norm(x):.3f}")
+class Block(nn.Module):
+    """Transformer block: communication followed by computation."""
+
+    n_embd: int
+    n_head: int
+    dropout: float = 0.0
+    residual: bool = True
+    layer_norm: bool = True
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        sa = MultiHeadAttention(self.n_head, self.n_embd // self.n_head, self.n_embd,
+                                self.dropout, name="sa")
+        ffwd = FeedForward(self.n_embd, self.dropout, name="ffwd")
+        ln1, ln2 = ((nn.LayerNorm(epsilon=1e-5, name=n) for n in ("ln1", "ln2"))
+                    if self.layer_norm else (lambda x: x, lambda x: x))
+        if not self.residual:
+            return ffwd(sa(ln1(x), deterministic), deterministic)  # (B, T, C)
+        x = x + sa(ln1(x), deterministic)  # (B, T, C)
+        return x + ffwd(ln2(x), deterministic)  # (B, T, C)
+
+
+def blocks(n, **kw):
+    """n Blocks: n separate modules (one instance used n times would share its params)."""
+    return tuple(Block(n_embd, 4, **kw) for _ in range(n))
+
+
+with timed("the lecture's steps, trained one by one"):
+    _, RESULTS["3 blocks, no residual"] = train(
+        small(body=blocks(3, residual=False, layer_norm=False)), max_iters=STAGE_ITERS,
+        name="3 blocks")
+    _, RESULTS["+ residual connections"] = train(
+        small(body=blocks(3, layer_norm=False)), max_iters=STAGE_ITERS, name="+ residual")
+
+# %% [markdown]
+# At init a residual `Block` is close to the identity, and so is its gradient: the superhighway.
+# `jax.jacobian` differentiates the block's output at the last token by its input there
+# (transformations compose: the jacobian of a jitted function, jitted again).
+
+# %%
+blk = Block(C, 2, layer_norm=False)
+blk_params = jax.jit(blk.init)(init_key, x)["params"]
+y_blk = blk.apply({"params": blk_params}, x)  # (B, T, C)
+print(f"|block(x) - x| / |x| = {jnp.linalg.norm(y_blk - x) / jnp.linalg.norm(x):.3f}")
 
 
 def last_token_out(v):  # the Block's output at the last token of x[0] as a function of its input
-    y, _ = block.apply({"params": block_params}, x[:1].at[0, -1].set(v))  # (1, T, C)
-    return y[0, -1]  # (C,)
+    return blk.apply({"params": blk_params}, x[:1].at[0, -1].set(v))[0, -1]  # (C,)
 
 
-jac = jax.jit(jax.jacobian(last_token_out))(x[0, -1])  # (C, C); transformations compose
+jac = jax.jit(jax.jacobian(last_token_out))(x[0, -1])  # (C, C)
 print(f"d out / d in at the last token: |jacobian - identity| / |identity| = "
       f"{jnp.linalg.norm(jac - jnp.eye(C)) / jnp.linalg.norm(jnp.eye(C)):.3f}")
 
 # %% [markdown]
-# ## LayerNorm
-#
-# The lecture's `LayerNorm1d`: normalise each token's features (a row), not each feature
-# across the batch (a column, BatchNorm). `gamma`, `beta` then rescale. jaxgpt applies it
-# before each sub-layer (pre-norm, as GPT-2) and once at the end (`ln_f`).
+# The lecture's `LayerNorm1d`: normalise each token's features (a row), not each feature across
+# the batch (a column, BatchNorm). `gamma`, `beta` then rescale. flax's `nn.LayerNorm` is the
+# same function.
 
 # %%
 class LayerNorm1d:  # the lecture's, in jax.numpy (no running buffers, no mutation)
@@ -582,123 +988,240 @@ class LayerNorm1d:  # the lecture's, in jax.numpy (no running buffers, no mutati
         return self.gamma * xhat + self.beta
 
 
-x100 = jax.random.normal(jax.random.PRNGKey(1337), (32, 100))  # batch size 32 of 100-dim vectors
+x100 = jax.random.normal(demo_key, (32, 100))  # batch size 32 of 100-dimensional vectors
 x_ln = LayerNorm1d(100)(x100)
 print(f"a feature across the batch: mean {x_ln[:, 0].mean():.4f} std {x_ln[:, 0].std():.4f}")
 print(f"one example's features:     mean {x_ln[0, :].mean():.4f} std {x_ln[0, :].std():.4f}")
-ln = nn.LayerNorm(epsilon=1e-5)  # flax's, as the model uses it
-print("same as flax's:", np.allclose(ln.apply(ln.init(root, x100), x100), x_ln, atol=1e-5))
+ln = nn.LayerNorm(epsilon=1e-5)
+print("same as flax's:", np.allclose(ln.apply(ln.init(init_key, x100), x100), x_ln, atol=1e-5))
+
+with timed("the lecture's steps, trained one by one"):
+    _, RESULTS["+ LayerNorm"] = train(small(body=blocks(3), ln_f=True), max_iters=STAGE_ITERS,
+                                      name="+ LayerNorm")
 
 # %% [markdown]
 # ## Dropout
 #
-# During training, dropout zeroes a random fraction of activations (and rescales the rest),
-# so the network cannot rely on any one path: an ensemble of subnetworks. **Functional lens:**
-# PyTorch switches it with `model.train()` / `model.eval()`, state on the module; here it is an
-# argument, `deterministic=False`, and its randomness a key passed in `rngs`.
+# During training, dropout zeroes a random fraction of activations (and rescales the rest), so
+# the network cannot rely on any one path: an ensemble of subnetworks. Every module above has a
+# `dropout` rate. **Functional lens:** PyTorch switches it with `model.train()` /
+# `model.eval()`, state on the module; here it is an argument, `deterministic=False`, and its
+# randomness a key passed in `rngs` (`loss_fn` above passes a fresh one at every step).
 
 # %%
 drop = nn.Dropout(rate=0.2)
 ones = jnp.ones((2, 10))
-print(drop.apply({}, ones, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)}))
+print(drop.apply({}, ones, deterministic=False, rngs={"dropout": dropout_key}))
 print(drop.apply({}, ones, deterministic=True))  # evaluation: the identity
 
 # %% [markdown]
 # *Test:* `test_model.py::test_dropout_only_when_not_deterministic`.
 #
-# ## The full GPT
+# ## Scaling up
 #
-# Token embeddings plus position embeddings, `n_layer` blocks, a final LayerNorm, a linear
-# layer to the vocabulary: `jaxgpt.model.GPT`. Here at the size of nanoGPT's CPU recipe
-# (`configs/shakespeare_cpu.py`: 4 layers, 4 heads, 128 wide, a context of 64 characters).
+# The lecture's last step scales the model up: 6 layers, 6 heads, 384 wide, a context of 256,
+# dropout 0.2 — hours on a CPU. Here it is scaled to a laptop the way nanoGPT scales its CPU
+# recipe: `configs/lecture_cpu.py`, 4 layers, 4 heads, 128 wide, a context of 64, batches of 12,
+# no dropout at this size, 2000 iterations at 1e-3.
 
 # %%
-gpt_cfg = model.GPTConfig(vocab_size=vocab_size, block_size=64, n_layer=4, n_head=4,
-                          n_embd=128, bias=False)
-gpt = model.GPT(gpt_cfg)
-xb, yb = batches.get_batch(train_data, jax.random.fold_in(root, 1), 12, gpt_cfg.block_size)
-gpt_params = jax.jit(gpt.init)(jax.random.PRNGKey(0), xb)["params"]
-print(jax.tree.map(jnp.shape, {k: v for k, v in gpt_params.items() if k in ("wte", "wpe", "h_0")}))
-n_params = sum(p.size for p in jax.tree.leaves(gpt_params))
-print(f"{n_params / 1e6:.2f} M parameters; {len(gpt_params)} top-level modules: {list(gpt_params)}")
-logits = jax.jit(gpt.apply)({"params": gpt_params}, xb)  # (B, T, vocab_size)
-loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-print(f"loss at init {loss:.4f} vs ln {vocab_size} = {math.log(vocab_size):.4f}")
+from configs import lecture_cpu  # noqa: E402  the recipes, installed with jaxgpt
+
+lc = small_run(lecture_cpu.get_config())
+scaled_gpt = GPTLanguageModel(vocab_size, lc.n_embd, lc.block_size, ln_f=True, body=tuple(
+    Block(lc.n_embd, lc.n_head, lc.dropout) for _ in range(lc.n_layer)))
+with timed("the scaled-up GPT, your modules"):
+    scaled_params, RESULTS["scaled up (configs/lecture_cpu.py)"] = train(
+        scaled_gpt, max_iters=SCALED_ITERS, eval_interval=lc.eval_interval,
+        eval_iters=lc.eval_iters, learning_rate=lc.learning_rate, batch_size=lc.batch_size,
+        block_size=lc.block_size, name="scaled up")
 
 # %% [markdown]
-# The lecture's own model (`configs/lecture.py`: 6 layers, 6 heads, 384 wide, a context of
-# 256) is too big to train here in minutes. **Functional lens:** `jax.eval_shape` runs `init`
-# abstractly — shapes and dtypes, no memory, no arithmetic — so counting its parameters is
-# free.
-
-# %%
-from configs import lecture, shakespeare_cpu  # the recipes, beside jaxgpt/
-
-lecture_config = lecture.get_config()
-lecture_model = model.GPT(model.GPTConfig.from_config(lecture_config, vocab_size))
-shapes = jax.eval_shape(lecture_model.init, root,
-                        jax.ShapeDtypeStruct((1, lecture_config.block_size), jnp.int32))
-print(f"{sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)) / 1e6:.6f} M parameters "
-      "(the lecture's gpt.py prints 10.788929 M)")
-
-# %% [markdown]
-# ## Training, with jaxgpt's loop
+# ### The story, measured
 #
-# The bigram's loop above is the whole idea. `training.train(config, workdir)` is the same
-# loop grown up: one `jax.jit`-compiled call runs `steps_per_call` optimizer steps (a
-# `lax.scan` over `train_step`, batches drawn on the device from `fold_in(root, step)`), it
-# evaluates every `eval_interval` steps over `eval_iters` batches of each split (the
-# lecture's `estimate_loss`), writes `metrics.jsonl` and an orbax checkpoint into `workdir`, and
-# a second call resumes from it. The recipe is nanoGPT's CPU one; `python train.py --config
-# configs/shakespeare_cpu.py` runs the same thing from a shell.
+# Each row is this notebook's own run (the val loss at the last step, `eval_iters` batches).
 
 # %%
-config = shakespeare_cpu.get_config()
-config.data_path = str(DATA_PATH)
-config.max_iters = config.lr_decay_iters = GPT_ITERS
-if SMALL:  # CI: a 2-layer model, a few steps, tiny evals
-    config.n_layer, config.n_embd, config.block_size, config.batch_size = 2, 64, 32, 8
-    config.eval_interval, config.eval_iters, config.steps_per_call = 10, 2, 10
-    config.warmup_iters = 5
-workdir = Path(tempfile.mkdtemp(prefix="jaxgpt_notebook_")) / "shakespeare_cpu"
-t0 = time.perf_counter()
-with contextlib.redirect_stderr(io.StringIO()):  # the progress bar: noise in a saved notebook
-    training.train(config, workdir)  # prints nanoGPT's eval lines
-print(f"trained {GPT_ITERS} steps in {time.perf_counter() - t0:.0f} s into {workdir}")
+rows = ["| step of the lecture | val loss | train loss |", "|---|---|---|"]
+rows += [f"| {name} | {c['val'][-1]:.4f} | {c['train'][-1]:.4f} |" for name, c in RESULTS.items()]
+display(Markdown("\n".join(rows)))
+
+fig, ax = plt.subplots(figsize=(8, 4.5))
+for name, c in RESULTS.items():
+    ax.plot(c["step"], c["val"], marker=".", label=name)
+ax.set(xlabel="step", ylabel="val loss", title="The lecture's steps, each trained from scratch")
+ax.legend(fontsize=8)
+plt.show()
 
 # %% [markdown]
-# nanoGPT reports a val loss of 1.88 with this recipe. An eval of 20 batches carries about
-# ±0.02 of sampling noise; over 1000 batches the recipe's val loss is about 1.91
-# (`docs/performance.md`). The picture of the run, the same one `python -m jaxgpt.plot WORKDIR`
-# writes to `WORKDIR/loss.png`:
+# The story's steps train at the lecture's small size for the same number of iterations each;
+# the scaled-up model trains longer per step on bigger batches, so its row is not a like-for-like
+# comparison with the others (the lecture's own model reaches 1.48 at full size, as the lecture
+# reports).
+#
+# ### What the heads look at
+#
+# The scaled-up model's attention weights on a line of Shakespeare from the validation split,
+# per head of the first and the last layer: recorded by `Head`'s `sow` (the caller asks for
+# them with `mutable=["intermediates"]`; the forward pass is the same).
 
 # %%
-from IPython.display import Image, display
-
-Image(filename=str(plot.save([workdir])))
+val_text = text[n:]
+line = next((l for l in val_text.splitlines() if len(l) >= 30), val_text[:40])[: lc.block_size]
+line_ids = jnp.array([encode(line)])  # (1, T)
+_, state = scaled_gpt.apply({"params": scaled_params}, line_ids, mutable=["intermediates"])
+maps = state["intermediates"]  # body_i / sa / heads_h / wei: ((1, T, T),)
+shown = (0, lc.n_layer - 1)
+fig, axes = plt.subplots(len(shown), lc.n_head, figsize=(3 * lc.n_head, 3.2 * len(shown)))
+for r, layer in enumerate(shown):
+    for h in range(lc.n_head):
+        w = maps[f"body_{layer}"]["sa"][f"heads_{h}"]["wei"][0][0]  # (T, T)
+        ax = axes[r, h]
+        ax.imshow(np.asarray(w), cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(len(line)), list(line), fontsize=5)
+        ax.set_yticks(range(len(line)), list(line), fontsize=5)
+        ax.set_title(f"layer {layer}, head {h}", fontsize=9)
+fig.suptitle(f"attention weights on {line!r}", fontsize=10)
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
+# Row `t` is what token `t` listens to (each row sums to 1, nothing above the diagonal). Some
+# heads look at the previous character or two; others spread over the word or the line. `python
+# -m jaxgpt.plot WORKDIR --attention TEXT` draws the same maps for a run trained by `train.py`.
+#
+# ## What you wrote is jaxgpt's model
+#
+# `jaxgpt.model.GPT` with the lecture's settings — `attention="heads"` (one `Head` module per
+# head), ReLU, biases, an untied `lm_head` with a bias, no dropout on the embeddings, every
+# layer initialised normal(0.02) — is the model you just wrote. Only the names differ: jaxgpt
+# uses nanoGPT's (`wte`, `h_0`, `attn`, `mlp`, ...). Moved under those names, your trained
+# weights give jaxgpt's model the same logits.
+
+# %%
+def to_jaxgpt(p, n_layer, n_head):
+    """Your GPTLanguageModel's params under jaxgpt.model.GPT's (nanoGPT's) names."""
+    out = {"wte": p["token_embedding_table"], "wpe": p["position_embedding_table"],
+           "ln_f": p["ln_f"], "lm_head": p["lm_head"]}
+    for i in range(n_layer):
+        b = p[f"body_{i}"]
+        heads = {f"heads_{h}": b["sa"][f"heads_{h}"] for h in range(n_head)}
+        out[f"h_{i}"] = {"ln_1": b["ln1"], "ln_2": b["ln2"],
+                         "attn": {**heads, "c_proj": b["sa"]["proj"]},
+                         "mlp": {"c_fc": b["ffwd"]["fc"], "c_proj": b["ffwd"]["proj"]}}
+    return out
+
+
+jaxgpt_lecture = model.make_model(lc, vocab_size)  # configs/lecture_cpu.py's model
+print({k: lc[k] for k in ("attention", "activation", "bias", "tie_weights", "lm_head_bias",
+                          "embd_dropout", "scale_residual_init")})
+mapped = to_jaxgpt(scaled_params, lc.n_layer, lc.n_head)
+xb, _ = batches.get_batch(val_data, sample_key, 4, lc.block_size)
+expected = jax.eval_shape(jaxgpt_lecture.init, init_key, xb)["params"]
+assert jax.tree.map(jnp.shape, mapped) == jax.tree.map(lambda s: s.shape, expected)
+yours = scaled_gpt.apply({"params": scaled_params}, xb)
+theirs = jaxgpt_lecture.apply({"params": mapped}, xb)
+assert np.allclose(yours, theirs, atol=1e-5), float(jnp.abs(yours - theirs).max())
+print(f"same parameter tree; same logits (max difference {float(jnp.abs(yours - theirs).max()):.1e})")
+
+# %% [markdown]
+# *Tests:* `test_lecture_model.py::test_from_lecture_gives_gpt_py_logits` (jaxgpt's model
+# against the lecture's own `gpt.py`), `test_model.py::test_fused_heads_equal_multi_head_attention`.
+#
+# ## nanoGPT's changes
+#
+# nanoGPT's GPT is this model with a handful of changes, and its CPU recipe
+# (`configs/shakespeare_cpu.py`) trains it with a different schedule. Every one is a config key
+# of jaxgpt:
+#
+# | | the lecture (`configs/lecture_cpu.py`) | nanoGPT (`configs/shakespeare_cpu.py`) | why |
+# |---|---|---|---|
+# | attention | one `Head` module per head | all heads in one batched matmul (exercise 1) | fewer, larger ops: faster |
+# | activation | ReLU | GELU | smoother; GPT-2's choice |
+# | output layer | its own `lm_head` with a bias | `wte` reused (weight tying) | vocab × n_embd fewer params; one table reads tokens in and writes them out |
+# | biases | everywhere | none (`bias=False`) | a little faster, no worse |
+# | init | normal(0.02) everywhere | residual projections scaled by 1/√(2·n_layer) | the residual stream's variance stays flat with depth |
+# | embeddings | `tok_emb + pos_emb` | dropout on the sum | (a no-op at dropout 0) |
+# | learning rate | constant | warmup, then cosine decay to `min_lr` | |
+# | AdamW | β2 0.999, weight decay 0.01 on every param | β2 0.99, decay 0.1 on 2-D params only (matrices, embeddings), gradient clipping at 1.0 | nanoGPT's recipe |
+#
+# Both recipes through jaxgpt's training loop (`training.train`, what `train.py` runs): the
+# lecture's model with the lecture's recipe, then nanoGPT's. The loop is the one you wrote above,
+# grown up: one `jax.jit`-compiled call runs `steps_per_call` optimizer steps (a `lax.scan`
+# over the train step), it evaluates every `eval_interval` steps (the lecture's
+# `estimate_loss`), and it writes `metrics.jsonl` and orbax checkpoints into a workdir.
+
+# %%
+from configs import shakespeare_cpu  # noqa: E402
+
+nano = small_run(shakespeare_cpu.get_config())
+print("the keys that differ:", {k: (lc[k], nano[k]) for k in nano.keys() if k in lc and lc[k] != nano[k]
+                                and k not in ("eval_before_last_step", "param_count")})
+runs_dir = Path(tempfile.mkdtemp(prefix="jaxgpt_notebook_"))
+WORKDIRS = {}
+for name, c in (("lecture_cpu", lc), ("shakespeare_cpu", nano)):
+    c.data_path = str(DATA_PATH)
+    c.max_iters = SCALED_ITERS
+    if name == "shakespeare_cpu":
+        c.lr_decay_iters = SCALED_ITERS
+        c.warmup_iters = min(c.warmup_iters, SCALED_ITERS // 4)
+    WORKDIRS[name] = runs_dir / name
+    with timed(f"training.train, configs/{name}.py"), \
+            contextlib.redirect_stderr(io.StringIO()):  # the progress bar: noise in a notebook
+        training.train(c, WORKDIRS[name])  # prints nanoGPT's eval lines
+print(f"trained {SCALED_ITERS} steps per recipe into {runs_dir}")
+
+# %%
+evals = {name: plot.read_metrics(d)["eval"] for name, d in WORKDIRS.items()}
+final = {name: e["val_loss"][-1] for name, e in evals.items()}
+display(Markdown(
+    f"With the same 2000-step budget (here {SCALED_ITERS}), the lecture's recipe ends at val "
+    f"loss {final['lecture_cpu']:.4f} in jaxgpt's loop (your loop above: "
+    f"{RESULTS['scaled up (configs/lecture_cpu.py)']['val'][-1]:.4f}; the two draw different "
+    f"batches), nanoGPT's at {final['shakespeare_cpu']:.4f}: a difference of "
+    f"{final['lecture_cpu'] - final['shakespeare_cpu']:+.4f}. Each eval here averages "
+    f"{nano.eval_iters} batches, so it carries a few hundredths of sampling noise; "
+    "`docs/performance.md` has the recipe over 1000 batches and several seeds."))
+display(Image(filename=str(plot.save(list(WORKDIRS.values()), runs_dir / "loss.png"))))
+
+# %% [markdown]
+# The picture is the one `python -m jaxgpt.plot WORKDIR ...` writes.
+#
 # ## Sampling
 #
 # `pretrained.load_run(workdir)` loads what a trained workdir holds — config, tokenizer, model
 # and params (the checkpoint with the best val loss) — in one call; `sample.py` uses it too.
 # `sampling.generate` is the lecture's `generate`, compiled: the prompt goes through the model
 # once into a fixed-shape key/value cache, then a `jax.lax.scan` produces one token per step,
-# attending to the cached keys instead of re-running the whole context (past `block_size`
-# tokens it keeps the lecture's window of the last `block_size` exactly). The lecture samples
+# reading the cached keys and values of earlier positions. That holds for the first
+# `block_size` tokens. Past them the lecture keeps the last `block_size` tokens as the context;
+# with learned position embeddings every token's position changes when that window slides, no
+# cached key stays valid, and each further step runs the whole window through the model again,
+# exactly as the lecture's loop does (rotary positions, exercise 4, avoid that). Sampling is
+# with dropout off (`deterministic=True`); the lecture's `gpt.py` samples right after
+# `estimate_loss`'s `model.train()`, so its samples are drawn with dropout on. The lecture samples
 # at temperature 1.0; `sample.py` defaults to 0.8, a little more conservative.
 
 # %%
-run = pretrained.load_run(workdir)
+run = pretrained.load_run(WORKDIRS["shakespeare_cpu"])
 print(f"step {run.step}, {type(run.model).__name__}, vocab {run.tokenizer.vocab_size}")
 idx = jnp.zeros((1, 1), dtype=jnp.int32)  # start from a newline, as the lecture
-out = sampling.generate(run.model, run.params, idx, 500, rng=jax.random.PRNGKey(1337),
-                        temperature=1.0)
+with timed("sampling"):
+    out = sampling.generate(run.model, run.params, idx, 500, rng=sample_key, temperature=1.0)
 print(run.tokenizer.decode(out[0].tolist()))
 
 # %% [markdown]
+# Your own model samples through the same function: its weights under jaxgpt's names, in
+# jaxgpt's `heads` model (which `sampling.generate` runs in fused form, `model.fused`).
+
+# %%
+with timed("sampling"):
+    out = sampling.generate(jaxgpt_lecture, mapped, idx, 300, rng=sample_key, temperature=1.0)
+print(decode(out[0].tolist()))
+
+# %% [markdown]
 # *In jaxgpt:* `sampling.generate`; the lecture's loop (one full forward per token) is
-# `sampling.generate_uncached`, the reference it is tested and timed against. *Tests:*
+# `sampling.generate_uncached`, the reference it is tested against. *Tests:*
 # `test_sampling.py::test_cached_greedy_equals_naive`,
 # `test_sampling.py::test_cached_logits_equal_full_forward`,
 # `test_sampling.py::test_one_compilation_for_any_prompt_length_and_new_tokens`.
@@ -709,30 +1232,218 @@ print(run.tokenizer.decode(out[0].tolist()))
 # module per head, dropout 0.2, 5000 steps of AdamW at 3e-4. It takes hours on a CPU and
 # minutes on a GPU; set `TRAIN_LECTURE = True` (or `JAXGPT_NOTEBOOK_LECTURE=1`) on a GPU/TPU
 # runtime to train it here, or from a shell: `python train.py --config configs/lecture.py`.
+# **Functional lens:** `jax.eval_shape` runs `init` abstractly — shapes and dtypes, no memory,
+# no arithmetic — so counting its parameters costs nothing.
 
 # %%
+from configs import lecture  # noqa: E402
+
+lecture_config = lecture.get_config()
+lecture_model = model.make_model(lecture_config, vocab_size)
+shapes = jax.eval_shape(lecture_model.init, init_key,
+                        jax.ShapeDtypeStruct((1, lecture_config.block_size), jnp.int32))
+print(f"{sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)) / 1e6:.6f} M parameters "
+      "(the lecture's gpt.py prints 10.788929 M)")
 if TRAIN_LECTURE:
     lecture_config.data_path = str(DATA_PATH)
     lecture_dir = Path("runs") / "lecture"
-    training.train(lecture_config, lecture_dir)
+    with timed("training.train, configs/lecture.py"):
+        training.train(lecture_config, lecture_dir)
     lecture_run = pretrained.load_run(lecture_dir)
-    out = sampling.generate(lecture_run.model, lecture_run.params, idx, 500,
-                            rng=jax.random.PRNGKey(1337))
+    out = sampling.generate(lecture_run.model, lecture_run.params, idx, 500, rng=sample_key)
     print(lecture_run.tokenizer.decode(out[0].tolist()))
     display(Image(filename=str(plot.save([lecture_dir]))))
 else:
-    print("skipped: set TRAIN_LECTURE = True (GPU/TPU runtime) to train configs/lecture.py")
+    print("not trained: set TRAIN_LECTURE = True (GPU/TPU runtime) to train configs/lecture.py")
 
 # %% [markdown]
+# ## Where this leads: pretraining, finetuning, ChatGPT
+#
+# What you built is a *decoder-only* Transformer pretrained to continue text — the first stage
+# of ChatGPT. The lecture's closing chapters, with where jaxgpt goes further:
+#
+# - **Scale.** GPT-3's largest model has 175 billion parameters and was trained on about 300
+#   billion tokens; the model here has under a million parameters and sees about a million
+#   characters. The architecture is the same. jaxgpt's `configs/gpt2.py` is nanoGPT's GPT-2
+#   (124M) recipe on OpenWebText, `init_from=gpt2` starts from OpenAI's weights
+#   (`pretrained.source`), and README's TPU VM section runs it on a pod slice.
+# - **Pretraining vs finetuning.** A pretrained model completes documents; it does not answer
+#   questions. ChatGPT's finetuning (as OpenAI describes it) has three stages: supervised
+#   finetuning on written question–answer demonstrations, a reward model trained on human
+#   rankings of several answers, and reinforcement learning (PPO) of the policy against that
+#   reward model. jaxgpt covers the first kind of step: `--config.init_from=WORKDIR` finetunes a
+#   run on new data ([finetuning.md](finetuning.md), `configs/finetune_shakespeare.py`); reward
+#   models and RLHF are beyond it.
+#
+# ## Exercises
+#
+# The lecture ends with four exercises. Each has a prompt: try it first. The solution cell under
+# it runs; in Jupyter and Colab its code starts hidden (click to show it).
+#
+# ### EX1: all heads in one batched operation
+#
+# *Try it first:* write `MultiHeadAttention` with the heads as a batch dimension — one linear
+# layer making q, k and v of every head at once, shapes (B, nh, T, hs) — and check it computes
+# exactly what the `MultiHeadAttention` above computes, given the same weights.
+
+# %% jupyter={"source_hidden": true}
+class CausalSelfAttention(nn.Module):
+    """All heads in one batched op (nanoGPT's form, jaxgpt's model.CausalSelfAttention)."""
+
+    n_head: int
+    n_embd: int
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        B, T, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        q, k, v = jnp.split(Linear(3 * C, bias=False, name="c_attn")(x), 3, axis=-1)  # (B, T, C) x3
+        q, k, v = (t.reshape(B, T, nh, hs).swapaxes(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        wei = q @ k.swapaxes(-2, -1) * hs**-0.5  # (B, nh, T, T)
+        wei = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((T, T), bool)), wei, -jnp.inf), -1)
+        y = (wei @ v).swapaxes(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
+        return Linear(C, name="proj")(y)  # (B, T, C)
+
+
+nh = 4
+mha = MultiHeadAttention(nh, C // nh, C)
+mha_params = mha.init(init_key, x)["params"]
+kernel = jnp.concatenate([jnp.concatenate([mha_params[f"heads_{h}"][name]["kernel"]
+                                           for h in range(nh)], axis=1)  # (C, C): heads in order
+                          for name in ("query", "key", "value")], axis=1)  # (C, 3C)
+fused_params = {"c_attn": {"kernel": kernel}, "proj": mha_params["proj"]}
+same = np.allclose(CausalSelfAttention(nh, C).apply({"params": fused_params}, x),
+                   mha.apply({"params": mha_params}, x), atol=1e-5)
+print("batched heads == heads side by side:", same)
+
+# %% [markdown]
+# jaxgpt's version is `model.CausalSelfAttention` (with a KV cache for sampling and an optional
+# fused attention kernel); `model.fuse_heads` is the kernel concatenation above.
+#
+# ### EX2: a GPT that adds
+#
+# *Try it first:* train the GPT on `a+b=c` problems instead of Shakespeare. Hints from the
+# lecture: predict the digits of c in reverse (the order a carry is computed), and count the
+# loss on c only (the targets over `a+b=` carry nothing to learn).
+#
+# jaxgpt's solution: `jaxgpt/addition.py` and `configs/addition.py`: two-digit numbers, so
+# 10,000 problems, of which 500 (5 %) are held out and never trained on; every eval reports the
+# exact-match accuracy of greedy decoding on those 500.
+
+# %% jupyter={"source_hidden": true}
+from configs import addition  # noqa: E402
+
+add = addition.get_config()
+if SMALL:
+    add.max_iters, add.eval_interval, add.steps_per_call, add.eval_iters = 20, 10, 10, 2
+add_dir = runs_dir / "addition"
+with timed("exercises"), contextlib.redirect_stderr(io.StringIO()):
+    training.train(add, add_dir)
+add_eval = [e for e in map(json.loads, (add_dir / "metrics.jsonl").read_text().splitlines())
+            if e["event"] == "eval"][-1]
+print(f"held-out exact-match accuracy at step {add_eval['step']}: {add_eval['accuracy']:.3f}")
+add_run = pretrained.load_run(add_dir)
+problem = "12+34="
+out = sampling.generate(add_run.model, add_run.params,
+                        jnp.array([add_run.tokenizer.encode(problem)]), 3, rng=sample_key,
+                        temperature=0.0)
+print(problem, "->", add_run.tokenizer.decode(out[0, len(problem):].tolist())[::-1],
+      "(c's digits written units first, read back reversed)")
+
+# %% [markdown]
+# *Tests:* `test_addition.py::test_masked_targets_do_not_count`,
+# `test_addition.py::test_accuracy_agrees_with_a_hand_count`.
+#
+# ### EX3: pretrain on a large corpus, then finetune
+#
+# *Try it first:* find a dataset so large that you see no gap between train and val loss,
+# pretrain on it, then initialise from that model and finetune on tiny Shakespeare with fewer
+# steps and a lower learning rate. Does pretraining lower the validation loss?
+#
+# The mechanism is `--config.init_from=WORKDIR`: a new run starts from another run's best
+# weights, with a fresh optimizer. The cell runs it on the runs above: it finetunes the
+# nanoGPT-recipe model for a few steps at a tenth of its learning rate, and its first eval is
+# the pretrained model's. [finetuning.md](finetuning.md) has the full experiment and its
+# figures: pretraining on the King James Bible, then finetuning on Shakespeare. The Bible is not
+# the corpus the exercise asks for — the pretraining run itself ends with a gap between train and
+# val loss, as finetuning.md shows — so its answer ("yes, pretraining helps") is for a
+# modest corpus.
+
+# %% jupyter={"source_hidden": true}
+ft = small_run(shakespeare_cpu.get_config())
+ft.data_path = str(DATA_PATH)
+ft.init_from = str(WORKDIRS["shakespeare_cpu"])
+ft.learning_rate, ft.min_lr = nano.learning_rate / 10, nano.min_lr / 10
+ft.max_iters = ft.lr_decay_iters = 20 if SMALL else 200
+ft.warmup_iters, ft.eval_interval = 0, ft.max_iters
+with timed("exercises"), contextlib.redirect_stderr(io.StringIO()):
+    training.train(ft, runs_dir / "finetuned")
+ft_evals = plot.read_metrics(runs_dir / "finetuned")["eval"]
+print(f"finetuning: val loss {ft_evals['val_loss'][0]:.4f} at step 0 (the pretrained run's best), "
+      f"{ft_evals['val_loss'][-1]:.4f} after {ft.max_iters} steps")
+
+# %% [markdown]
+# ### EX4: a feature from a later paper — rotary position embeddings
+#
+# *Try it first:* pick a Transformer improvement from a paper after GPT-2 and add it. The
+# solution here is RoPE (Su et al. 2021): instead of adding a position vector to the input,
+# rotate each query and key by an angle proportional to its position, channel pair by channel
+# pair. Write the rotation, check that a query–key score then depends only on the distance
+# between the two positions, and train the laptop-size GPT with it.
+
+# %% jupyter={"source_hidden": true}
+def rope_by_hand(x, positions):
+    """x (T, hs): channel pairs (i, i + hs/2) rotated by position * 10000^(-2i/hs)."""
+    hs = x.shape[-1]
+    theta = 10000.0 ** (-np.arange(0, hs, 2) / hs)  # (hs/2,)
+    angle = np.asarray(positions)[:, None] * theta  # (T, hs/2)
+    x1, x2 = np.split(np.asarray(x), 2, axis=-1)
+    return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle),
+                           x1 * np.sin(angle) + x2 * np.cos(angle)], axis=-1)
+
+
+qv, kv = (np.asarray(jax.random.normal(k, (16,))) for k in jax.random.split(demo_key, 2))
+score = lambda m, n: rope_by_hand(qv[None], [m])[0] @ rope_by_hand(kv[None], [n])[0]
+print("q at 5 . k at 2 =", round(float(score(5, 2)), 4), "| q at 9 . k at 6 =",
+      round(float(score(9, 6)), 4), "(the same distance: the same score)")
+print("jaxgpt's model.rope is the same rotation:", np.allclose(
+    model.rope(jnp.asarray(qv)[None], jnp.array([5])), rope_by_hand(qv[None], [5]), atol=1e-5))
+
+rope_cfg = small_run(shakespeare_cpu.get_config())
+rope_cfg.update(data_path=str(DATA_PATH), position="rope", max_iters=SCALED_ITERS,
+                lr_decay_iters=SCALED_ITERS, warmup_iters=nano.warmup_iters)
+with timed("exercises"), contextlib.redirect_stderr(io.StringIO()):
+    training.train(rope_cfg, runs_dir / "rope")
+rope_val = plot.read_metrics(runs_dir / "rope")["eval"]["val_loss"][-1]
+print(f"nanoGPT's recipe, learned positions: val loss {final['shakespeare_cpu']:.4f}; "
+      f"rotary positions: {rope_val:.4f} (one seed each)")
+
+# %% [markdown]
+# [sampling.md](sampling.md) measures RoPE over several seeds and shows its other payoff: the KV
+# cache stays valid past `block_size`. *Test:* `test_rope.py::test_rolling_cache_is_sliding_window_attention`.
+#
 # ## PyTorch → JAX, the lens in one table
 #
 # | the lecture (PyTorch) | here (JAX / Flax / Optax) |
 # |---|---|
 # | `m = Model(); m.parameters()` | `params = m.init(key, x)["params"]`: a pytree you hold |
 # | `logits = m(x)` | `logits = m.apply({"params": params}, x)` |
-# | `torch.manual_seed(1337)` | `root = jax.random.PRNGKey(1337)`; `fold_in(root, step)` per step |
+# | `nn.Linear(i, o).weight`, (o, i) | `nn.Dense(o)`'s `kernel`, (i, o) |
+# | `torch.manual_seed(1337)` | `root = jax.random.PRNGKey(1337)`; `split` for new keys, `fold_in(key, step)` per step |
+# | `a[i] = v` | `a = a.at[i].set(v)` |
+# | `F.cross_entropy(logits.view(B*T, C), targets.view(B*T))` | `optax.softmax_cross_entropy_with_integer_labels(logits, targets)` |
+# | `torch.multinomial(F.softmax(logits), 1)` | `jax.random.categorical(key, logits)` |
+# | `@torch.no_grad()` | nothing: gradients exist only where `jax.grad` is called |
 # | `loss.backward()` | `loss, grads = jax.value_and_grad(loss_fn)(params, ...)` |
-# | `optimizer.step()` | `updates, opt_state = tx.update(grads, opt_state, params)` |
+# | `optimizer.step()` | `updates, opt_state = tx.update(grads, opt_state, params)`; `params = optax.apply_updates(params, updates)` |
 # | `model.train()` / `model.eval()` | `deterministic=False` / `True`, `rngs={"dropout": key}` |
 # | (eager, op by op) | `jax.jit`: the whole step one compiled program |
 # | `for _ in range(n): idx = cat(idx, next)` | `jax.lax.scan` over a fixed-shape cache |
+#
+# How long each part took on this run's machine:
+
+# %%
+print(f"{jax.devices()[0].platform}, {os.cpu_count()} CPU cores"
+      f"{' (JAXGPT_NOTEBOOK_SMALL settings)' if SMALL else ''}")
+for part, seconds in TIMES.items():
+    print(f"{seconds:7.1f} s  {part}")

@@ -5,6 +5,7 @@ JAXGPT_SHAKESPEARE when set (.ci/run sets it), else a generated text: no network
 """
 
 import importlib
+import math
 import os
 import re
 from pathlib import Path
@@ -39,7 +40,63 @@ def test_committed_notebook_has_outputs_from_a_full_run():
     assert all(o.get("output_type") != "error" for c in code for o in c.get("outputs", []))
     texts = "".join(o.get("text", "") for c in code for o in c.get("outputs", []))
     assert "trained 2000 steps" in texts, "saved outputs must come from the documented settings"
-    assert any("image/png" in o.get("data", {}) for c in code for o in c.get("outputs", []))
+    images = sum("image/png" in o.get("data", {}) for c in code for o in c.get("outputs", []))
+    assert images >= 4  # the averages, the story's curves, the heat maps, the recipes' curves
+    assert "same logits" in texts  # your modules == jaxgpt.model.GPT (attention="heads")
+
+
+def test_the_notebook_writes_the_lectures_modules_itself():
+    source = SOURCE.read_text()
+    for name in ("BigramLanguageModel", "Head", "MultiHeadAttention", "FeedForward", "Block",
+                 "GPTLanguageModel", "CausalSelfAttention"):
+        assert re.search(rf"^class {name}\(nn\.Module\):", source, re.M), name
+    for n in (1, 2, 3, 4):
+        assert f"### EX{n}:" in source and "Try it first" in source
+
+
+# a figure in prose is either attributed (the lecture's, nanoGPT's, a paper's) or a value the
+# notebook computed: then its outputs hold it (to the digits the prose gives) or a recipe sets it
+ATTRIBUTED = re.compile(r"lecture|nanoGPT|reports|OpenAI|GPT-3|paper|Su et al", re.I)
+
+
+def prose_numbers(markdown: str):
+    """(number, sentence) for each decimal number outside code spans in a markdown text."""
+    text = re.sub(r"`[^`]*`", "", markdown)
+    for sentence in re.split(r"(?<=[.!?:])\s+|\n(?=[-|#])", text):
+        for number in re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])", sentence):
+            yield number, sentence
+
+
+def recipe_values() -> set[float]:
+    from configs import addition, lecture, lecture_cpu, shakespeare_cpu
+    values = set()
+    for recipe in (addition, lecture, lecture_cpu, shakespeare_cpu):
+        values |= {v for v in recipe.get_config().to_dict().values() if isinstance(v, float)}
+    return values
+
+
+def test_no_figure_in_the_prose_contradicts_the_outputs():
+    nb = jupytext.read(NOTEBOOK)
+    outputs = " ".join(o.get("text", "") + str(o.get("data", {}).get("text/markdown", ""))
+                       for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    printed = [float(x) for x in re.findall(r"-?\d+\.\d+", outputs)]
+    recipes = recipe_values()
+    for cell in (c for c in nb.cells if c.cell_type == "markdown"):
+        for number, sentence in prose_numbers(cell.source):
+            if ATTRIBUTED.search(sentence):
+                continue
+            digits = len(number.split(".")[1])
+            value = float(number)
+            assert value in recipes or any(math.isclose(round(p, digits), value)
+                                           for p in printed), \
+                f"{number!r} in {sentence.strip()[:120]!r}: not in the outputs nor a recipe's"
+        assert not re.search(r"\b\d+(\.\d+)? ?(s|seconds|minutes)\b", cell.source), \
+            "timings belong in computed outputs, not in the prose"
+
+
+def test_prose_numbers_finds_what_it_checks():
+    found = dict(prose_numbers("A val loss of 1.48 `x = 0.5` here. Then 2.07: done"))
+    assert set(found) == {"1.48", "2.07"}
 
 
 def test_every_cell_runs(tmp_path, monkeypatch):
@@ -79,3 +136,12 @@ def test_lecture_table_names_code_and_tests_that_exist():
     files = {"py", "json", "jsonl", "bin", "txt", "png", "pt", "pkl", "safetensors"}
     for module, name in code - {(m, n) for m, n in code if n in files}:  # model.safetensors
         assert hasattr(importlib.import_module(f"jaxgpt.{module}"), name), f"{module}.{name}"
+    root = DOCS.parent
+    paths = set(re.findall(r"(?<![\w/.])((?:docs|configs|jaxgpt|tests)/[\w/]+\.(?:py|md|ipynb))",
+                           text))
+    assert len(paths) > 10
+    for path in paths:
+        assert (root / path).is_file(), path
+    for doc in ("lecture.md", "lets_build_gpt.py"):  # links between the docs
+        for link in re.findall(r"\]\(([\w./]+\.(?:md|ipynb|py))\)", (DOCS / doc).read_text()):
+            assert (DOCS / link).is_file(), f"{doc} links {link}"
