@@ -1,8 +1,9 @@
 """The lecture's exercise 2: train a GPT to add two numbers, `a+b=c`.
 
-Problems of 2-digit numbers (10,000 of them, 500 held out), c's digits reversed so the model
-writes them in the order a carry is computed. The loss counts c's digits only; every eval also
-reports the exact-match accuracy on the held-out problems (greedy decoding of c).
+Problems of 2-digit numbers (10,000 of them; 500, 5 %, held out and never trained on), c's
+digits reversed so the model writes them in the order a carry is computed. The loss counts c's
+digits only; every eval also reports the exact-match accuracy on the held-out problems (greedy
+decoding of c).
 
     python train.py --config configs/addition.py --workdir runs/addition
     python sample.py --workdir runs/addition --start "12+34=" --max_new_tokens 3 --temperature 0

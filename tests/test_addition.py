@@ -12,6 +12,7 @@ from jaxgpt import addition, batches, datasets, training
 from jaxgpt import step as step_lib
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT, GPTConfig
+from jaxgpt.pretrained import load_run
 from jaxgpt.tokenizer import CharTokenizer
 
 
@@ -128,3 +129,37 @@ def test_bad_addition_settings_are_one_line_errors(tmp_path):
                                                     "eval_problems": 10}))
     with pytest.raises(UserError, match="block_size=5 is shorter"):
         datasets.load(small(tmp_path, block_size=5))
+
+
+def greedy_sums(model, params, ids, digits: int) -> np.ndarray:
+    """c of each problem, decoded greedily one digit at a time by full forward passes (no
+    sampling code), reversed back to a number."""
+    seq = np.asarray(addition.encode(jnp.asarray(ids), digits, True))[:, :2 * digits + 2]
+    for _ in range(digits + 1):  # `a+b=` then c's digits, units first
+        logits = model.apply({"params": params}, jnp.asarray(seq))  # (N, T, 12)
+        seq = np.concatenate([seq, np.asarray(logits[:, -1].argmax(-1))[:, None]], axis=1)
+    c = seq[:, 2 * digits + 2:]  # (N, digits+1), least significant first
+    return (c * 10 ** np.arange(digits + 1)).sum(1)
+
+
+def test_learns_to_add_the_held_out_problems(tmp_path):
+    """configs/addition.py with 600 steps instead of 2000 and batches of 128 instead of 64 (same
+    2-layer, 64-wide model, learning rate 3e-3) gets >= 95 % of the 500 held-out problems
+    (5 % of the 10,000 two-digit problems, never trained on) exactly right.
+
+    Measured on 2 CPU cores: ~17 s idle, ~40 s shared with other jobs. Seeds 0-5 and the
+    default (1337) reached 99.8-100 % at step 600 (38-100 % at step 300), so 95 % leaves a
+    margin. Checked by decoding outside the training loop, against Python's own sums.
+    """
+    c = addition_config.get_config()
+    c.max_iters, c.batch_size, c.learning_rate, c.min_lr = 600, 128, 3e-3, 3e-4
+    c.warmup_iters, c.eval_interval, c.log_interval, c.steps_per_call = 50, 600, 100, 100
+    training.train(c, tmp_path)
+    evals = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    reported = [e["accuracy"] for e in evals if e["event"] == "eval"][-1]
+    run = load_run(tmp_path, "latest")
+    _, held_out = addition.problem_ids(2, 500, c.seed)
+    assert len(held_out) == 500 and len(held_out) / 10_000 == 0.05
+    right = greedy_sums(run.model, run.params, held_out, 2) == held_out // 100 + held_out % 100
+    assert right.mean() == pytest.approx(reported)  # the eval line's number is this one
+    assert right.mean() >= 0.95, f"{right.mean():.3f} of the held-out problems right"
