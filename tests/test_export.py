@@ -1,7 +1,6 @@
 """python -m jaxgpt.export: a workdir as a Hugging Face GPT-2 directory, read back two ways."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from jaxgpt import tokenizer as tokenizers
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
 from tests.conftest import tiny
-from tests.test_pretrained import REAL_BPE, write_bpe_files
+from tests.test_pretrained import REAL_BPE, gpt2_forward, write_bpe_files
 
 pytest.importorskip("safetensors")
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,35 +26,9 @@ def hf_forward(directory: Path, idx):
     hf = json.loads((directory / "config.json").read_text())
     tensors = load_file(directory / "model.safetensors")
     w = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-    eps, nh = hf["layer_norm_epsilon"], hf["n_head"]
-    act = {"gelu_new": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) *
-                                                        (x + 0.044715 * x**3))),
-           "gelu": lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2))),
-           "relu": lambda x: np.maximum(x, 0)}[hf["activation_function"]]
-
-    def ln(x, name):
-        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-        return (x - mu) / np.sqrt(var + eps) * w[name + ".weight"] + w[name + ".bias"]
-
-    def conv1d(x, name):  # Conv1D: x @ W + b, W stored (in, out)
-        return x @ w[name + ".weight"] + w[name + ".bias"]
-
-    B, T = idx.shape
-    x = w["wte.weight"][idx] + w["wpe.weight"][:T]  # (B, T, C)
-    C = x.shape[-1]
-    hs = C // nh
-    for i in range(hf["n_layer"]):
-        q, k, v = np.split(conv1d(ln(x, f"h.{i}.ln_1"), f"h.{i}.attn.c_attn"), 3, axis=-1)
-        q, k, v = (t.reshape(B, T, nh, hs).transpose(0, 2, 1, 3) for t in (q, k, v))
-        att = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hs)  # (B, nh, T, T)
-        att = np.where(np.tril(np.ones((T, T), bool)), att, -np.inf)
-        att = np.exp(att - att.max(-1, keepdims=True))
-        att /= att.sum(-1, keepdims=True)
-        y = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
-        x = x + conv1d(y, f"h.{i}.attn.c_proj")
-        x = x + conv1d(act(conv1d(ln(x, f"h.{i}.ln_2"), f"h.{i}.mlp.c_fc")), f"h.{i}.mlp.c_proj")
-    head = w["wte.weight"] if hf["tie_word_embeddings"] else w["lm_head.weight"]  # (V, C)
-    return ln(x, "ln_f") @ head.T
+    head = None if hf["tie_word_embeddings"] else w["lm_head.weight"]
+    return gpt2_forward(w, idx, hf["n_head"], hf["activation_function"],
+                        hf["layer_norm_epsilon"], head)
 
 
 def trained(text_file, workdir, **overrides):

@@ -82,32 +82,39 @@ def write_hf_gpt2(d, seed=0, bpe=True) -> dict:
     return w
 
 
-def gpt2_forward(w, idx):
-    """GPT-2 in numpy over Hugging Face's weights: Conv1D is x @ W + b; GELU is the tanh form."""
+ACTIVATIONS = {  # Hugging Face's activation_function names
+    "gelu_new": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
+    "gelu": lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2))),
+    "relu": lambda x: np.maximum(x, 0)}
+
+
+def gpt2_forward(w, idx, n_head=N_HEAD, activation="gelu_new", eps=1e-5, head=None):
+    """GPT-2 in numpy over Hugging Face's weights: Conv1D is x @ W + b; GELU is the tanh form
+    (GPT-2's). head: the (V, C) output layer, the tied wte by default."""
+    act = ACTIVATIONS[activation]
+
     def ln(x, name):
         mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-        return (x - mu) / np.sqrt(var + 1e-5) * w[name + ".weight"] + w[name + ".bias"]
+        return (x - mu) / np.sqrt(var + eps) * w[name + ".weight"] + w[name + ".bias"]
 
     def conv1d(x, name):
         return x @ w[name + ".weight"] + w[name + ".bias"]
 
-    def gelu(x):
-        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-
     B, T = idx.shape
-    hs = C // N_HEAD
     x = w["wte.weight"][idx] + w["wpe.weight"][:T]  # (B, T, C)
-    for i in range(N_LAYER):
+    C = x.shape[-1]
+    hs = C // n_head
+    for i in range(sum(k.endswith(".ln_1.weight") for k in w)):
         q, k, v = np.split(conv1d(ln(x, f"h.{i}.ln_1"), f"h.{i}.attn.c_attn"), 3, axis=-1)
-        q, k, v = (t.reshape(B, T, N_HEAD, hs).transpose(0, 2, 1, 3) for t in (q, k, v))
+        q, k, v = (t.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3) for t in (q, k, v))
         att = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hs)  # (B, nh, T, T)
         att = np.where(np.tril(np.ones((T, T), bool)), att, -np.inf)
         att = np.exp(att - att.max(-1, keepdims=True))
         att /= att.sum(-1, keepdims=True)
         y = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
         x = x + conv1d(y, f"h.{i}.attn.c_proj")
-        x = x + conv1d(gelu(conv1d(ln(x, f"h.{i}.ln_2"), f"h.{i}.mlp.c_fc")), f"h.{i}.mlp.c_proj")
-    return ln(x, "ln_f") @ w["wte.weight"].T  # the tied head
+        x = x + conv1d(act(conv1d(ln(x, f"h.{i}.ln_2"), f"h.{i}.mlp.c_fc")), f"h.{i}.mlp.c_proj")
+    return ln(x, "ln_f") @ (w["wte.weight"] if head is None else head).T  # (B, T, V)
 
 
 IDX = np.random.default_rng(1).integers(0, VOCAB, (2, N_POS))
