@@ -30,8 +30,10 @@ from ml_collections import config_flags
 
 from jaxgpt import batches, cli, datasets, parallel, sampling, step, tpus
 from jaxgpt import config as config_lib
+from jaxgpt.errors import UserError
 from jaxgpt.flops import datasheet_peak, flops_per_token
 from jaxgpt.model import count_params, make_model
+from jaxgpt.training import out_of_memory
 
 GPT2_VOCAB = 50257  # token files (never read here) hold GPT-2 BPE ids unless vocab_size says
 
@@ -292,6 +294,18 @@ def largest(fits_bytes, limit: int, max_compiles: int = 10) -> tuple[int, dict]:
     return lo, seen
 
 
+_NEEDED = re.compile(r"required for HLO temporaries \(([\d.]+)G\)")
+
+
+def refused_bytes(error: Exception, hbm: int) -> int:
+    """A compile the compiler refused for want of HBM (RESOURCE_EXHAUSTED) as a size over the
+    chip's HBM: the temporaries it asked for when it says, else just over. Other errors raise."""
+    if not isinstance(error, jax.errors.JaxRuntimeError) or "RESOURCE_EXHAUSTED" not in str(error):
+        raise error
+    needed = _NEEDED.search(str(error))
+    return max(hbm + 1, int(float(needed.group(1)) * tpus.GiB) if needed else 0)
+
+
 def fit(config, devices, topology: str, say) -> dict:
     """{remat: largest global batch_size} on the slice, the training call only (one step:
     memory does not depend on steps_per_call), accumulation kept (A > 1 holds a gradient sum)."""
@@ -303,7 +317,13 @@ def fit(config, devices, topology: str, say) -> dict:
             c = config.copy_and_resolve_references()
             c.batch_size, c.remat = b * n, remat
             c.gradient_accumulation_steps = min(config.gradient_accumulation_steps, 2)
-            _, _, compiled = compile_all(c, devices, everything=False, num_steps=1)
+            try:
+                _, _, compiled = compile_all(c, devices, everything=False, num_steps=1)
+            except jax.errors.JaxRuntimeError as e:  # the compiler's own HBM check refused it
+                total = refused_bytes(e, hbm)
+                say(f"  remat={remat} batch_size={b * n}: refused by the compiler (needs "
+                    f"{total / tpus.GiB:.2f} GiB or more per device)")
+                return total
             total = peak_bytes(compiled["train"].memory_analysis())
             say(f"  remat={remat} batch_size={b * n}: {total / tpus.GiB:.2f} GiB per device")
             return total
@@ -378,8 +398,14 @@ def main(argv):
     built = build(config, devices, lower=False)
     r = report(built, topology, {}, {})
     if r["memory"]["fits"]:  # else the state alone overflows: no compile needed to say so
-        built, seconds, compiled = compile_all(config, devices,
-                                               everything=not flags.FLAGS.only_train)
+        try:
+            built, seconds, compiled = compile_all(config, devices,
+                                                   everything=not flags.FLAGS.only_train)
+        except jax.errors.JaxRuntimeError as e:  # the state fits, the temporaries do not
+            needs = refused_bytes(e, tpus.chip(topology).hbm_bytes) / tpus.GiB
+            raise UserError(f"does not fit {flags.FLAGS.topology}: the compiler needs "
+                            f"{needs:.2f} GiB or more per device. " + out_of_memory(config)
+                            ) from None
         r = report(built, topology, seconds, compiled)
     print_report(r, say)
     if flags.FLAGS.fit:

@@ -167,6 +167,39 @@ def test_largest_batch_search_finds_the_edge_in_a_few_compiles():
         assert max(seen) < 8 * truth + 8  # no wild extrapolation from flat small batches
 
 
+REFUSED = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total "
+           "memory required for HLO temporaries (23.20G) exceeds available HBM (15.75G). HLO "
+           "module: jit_train_steps.")  # what libtpu said for GPT-2 124M, batch 112 on a v5e
+
+
+def test_a_batch_the_compiler_refuses_counts_as_not_fitting(text, monkeypatch):
+    """XLA's own HBM check refuses some candidates at compile time (it keeps part of the HBM
+    for itself): --fit counts them as not fitting and goes on, other errors still raise."""
+    hbm = tpus.chip("v5e:1x1").hbm_bytes
+    assert aot.refused_bytes(jax.errors.JaxRuntimeError(REFUSED), hbm) == int(23.20 * 2**30)
+    assert aot.refused_bytes(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory"),
+                             hbm) == hbm + 1
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        aot.refused_bytes(jax.errors.JaxRuntimeError("INTERNAL: a compiler bug"), hbm)
+
+    class Memory:  # 1 GiB per sequence: 16 would fit the 16 GiB, the compiler stops at 12
+        def __init__(self, b):
+            self.argument_size_in_bytes, self.output_size_in_bytes = 0, 0
+            self.alias_size_in_bytes, self.temp_size_in_bytes = 0, b * 2**30
+
+    def compile_all(c, devices, everything, num_steps):
+        if c.batch_size > 12:
+            raise jax.errors.JaxRuntimeError(REFUSED)
+        return None, None, {"train": type("Compiled", (), {
+            "memory_analysis": lambda self: Memory(c.batch_size)})()}
+
+    monkeypatch.setattr(aot, "compile_all", compile_all)
+    said = []
+    found = aot.fit(small(text, batch_size=1), tpus.devices("v5e:1x1"), "v5e:1x1", said.append)
+    assert found == {False: 12, True: 12}
+    assert any("refused by the compiler (needs 23.20 GiB" in line for line in said)
+
+
 def test_train_command_keeps_the_tokens_per_step():
     config = small("x", batch_size=12, gradient_accumulation_steps=40)
     command = aot.train_command("configs/gpt2.py", config, 96, remat=True)
