@@ -333,11 +333,17 @@ def fit(config, devices, topology: str, say) -> dict:
     return out
 
 
-def train_command(config_path: str, config, batch_size: int, remat: bool) -> str:
-    """train.py with this batch_size, the accumulation keeping the recipe's tokens per step."""
+def train_command(config_path: str, config, batch_size: int, remat: bool, n: int = 1) -> str:
+    """train.py with a batch_size up to the one that fits, and the accumulation that keeps the
+    recipe's sequences per step: the largest multiple of n (the data-parallel devices) that
+    divides them, if one is at least half the batch that fits, else that batch with the nearest
+    accumulation."""
     product = config.batch_size * config.gradient_accumulation_steps
-    accum = max(1, round(product / batch_size))
-    return (f"python train.py --config {config_path} --config.batch_size={batch_size} "
+    exact = [b for b in range(batch_size, batch_size // 2 - 1, -1)
+             if b > 0 and b % n == 0 and product % b == 0]
+    batch = exact[0] if exact else batch_size
+    accum = max(1, round(product / batch))
+    return (f"python train.py --config {config_path} --config.batch_size={batch} "
             f"--config.gradient_accumulation_steps={accum}"
             + (" --config.remat=True" if remat else ""))
 
@@ -415,8 +421,10 @@ def main(argv):
         path = config_flags.get_config_filename(flags.FLAGS["config"])
         for remat, batch in found.items():
             if batch:
-                say(f"largest batch_size with remat={remat}: {batch}\n  "
-                    + train_command(path, config, batch, remat))
+                n = parallel.data_parallel_size(built.mesh)
+                product = config.batch_size * config.gradient_accumulation_steps
+                say(f"largest batch_size with remat={remat}: {batch}; with the recipe's {product}"
+                    " sequences per step:\n  " + train_command(path, config, batch, remat, n))
             else:
                 say(f"remat={remat}: not even batch_size={parallel.data_parallel_size(built.mesh)}"
                     " fits: raise mesh.fsdp or choose a larger slice")

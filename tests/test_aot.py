@@ -5,6 +5,7 @@ the model's parameter shapes, not against numbers copied from a run."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -205,6 +206,14 @@ def test_train_command_keeps_the_tokens_per_step():
     command = aot.train_command("configs/gpt2.py", config, 96, remat=True)
     assert "--config.batch_size=96 --config.gradient_accumulation_steps=5" in command
     assert command.endswith("--config.remat=True")
+    for fits, n in ((128, 8), (352, 8), (100, 1), (37, 1)):
+        command = aot.train_command("configs/gpt2.py", config, fits, remat=False, n=n)
+        b, a = map(int, re.search(r"batch_size=(\d+) .*accumulation_steps=(\d+)", command).groups())
+        assert fits // 2 <= b <= fits and b % n == 0
+        assert b * a == 480 or not any(480 % d == 0 and d % n == 0
+                                       for d in range(fits // 2, fits + 1))
+    assert "batch_size=120 --config.gradient_accumulation_steps=4" in aot.train_command(
+        "configs/gpt2.py", config, 128, remat=False, n=8)  # 128 x 4 would be 512
 
 
 def test_collectives_are_read_from_the_hlo_text():
