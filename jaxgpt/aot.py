@@ -408,12 +408,17 @@ def main(argv):
             built, seconds, compiled = compile_all(config, devices,
                                                    everything=not flags.FLAGS.only_train)
         except jax.errors.JaxRuntimeError as e:  # the state fits, the temporaries do not
-            needs = refused_bytes(e, tpus.chip(topology).hbm_bytes) / tpus.GiB
-            raise UserError(f"does not fit {flags.FLAGS.topology}: the compiler needs "
-                            f"{needs:.2f} GiB or more per device. " + out_of_memory(config)
-                            ) from None
-        r = report(built, topology, seconds, compiled)
-    print_report(r, say)
+            needs = refused_bytes(e, tpus.chip(topology).hbm_bytes)
+            refused = (f"does not fit {flags.FLAGS.topology}: the compiler needs "
+                       f"{needs / tpus.GiB:.2f} GiB or more per device")
+            if not flags.FLAGS.fit:
+                raise UserError(f"{refused}. {out_of_memory(config)}") from None
+            say(refused)  # --fit: find the batch that does fit
+            r = {"refused_bytes": needs}
+        else:
+            r = report(built, topology, seconds, compiled)
+    if "memory" in r:
+        print_report(r, say)
     if flags.FLAGS.fit:
         say("fitting the batch (the training call, a few compiles):")
         found = fit(config, devices, topology, say)
