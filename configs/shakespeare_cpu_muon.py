@@ -12,9 +12,9 @@ def get_config():
     c = shakespeare_cpu.get_config()
     c.optimizer = "muon"
     c.muon_lr = 0.02
-    c.max_iters = 500
+    c.max_iters = 550
     c.warmup_iters = 50
     c.decay_shape = "linear"
-    c.eval_interval = 500  # an eval at the start and at the end only
-    c.steps_per_call = 50
+    c.eval_interval = 550  # an eval at the start and at the end only
+    c.steps_per_call = 55  # divides 550
     return c

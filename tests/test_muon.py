@@ -16,7 +16,7 @@ import optax
 import pytest
 from optax.contrib import _muon as optax_muon
 
-from jaxgpt import optim, training
+from jaxgpt import flops, optim, training
 from jaxgpt.config import base_config, validate
 from jaxgpt.errors import UserError
 from jaxgpt.model import make_model
@@ -218,3 +218,16 @@ def test_wrong_muon_keys_are_one_line(key, value, says):
         validate(c)
     assert says in str(e.value) and f"config.{key}" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_newton_schulz_flops_of_the_cpu_recipe():
+    """Per (m <= n) matrix and iteration: X X^T 2m²n, A A 2m³, B X 2m²n; 4 layers, 5 steps."""
+    c = base_config()
+    c.update(n_layer=4, n_head=4, n_embd=128, block_size=64, optimizer="muon", muon_ns_steps=5)
+    model = make_model(c, 65)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64), jnp.int32))
+    per_layer = sum(4 * m * m * n + 2 * m**3 for m, n in
+                    ((128, 384), (128, 128), (128, 512), (128, 512)))  # c_attn, c_proj, mlp
+    assert flops.optimizer_flops(c, params["params"]) == 4 * 5 * per_layer == 2_348_810_240
+    c.optimizer = "adamw"
+    assert flops.optimizer_flops(c, params["params"]) == 0
