@@ -16,7 +16,7 @@ import optax
 import pytest
 from optax.contrib import _muon as optax_muon
 
-from jaxgpt import flops, optim, training
+from jaxgpt import aot, flops, optim, parallel, tpus, training
 from jaxgpt.config import base_config, validate
 from jaxgpt.errors import UserError
 from jaxgpt.model import make_model
@@ -231,3 +231,27 @@ def test_newton_schulz_flops_of_the_cpu_recipe():
     assert flops.optimizer_flops(c, params["params"]) == 4 * 5 * per_layer == 2_348_810_240
     c.optimizer = "adamw"
     assert flops.optimizer_flops(c, params["params"]) == 0
+
+
+def test_aot_counts_muon_state_and_newton_schulz_flops(tmp_path):
+    """jaxgpt.aot on a TPU topology (fsdp 2): the optimizer state is one float32 moment per
+    Muon kernel and AdamW's two per other param, each split as its param; the Newton–Schulz
+    FLOPs are reported beside the analytic model FLOPs."""
+    pytest.importorskip("libtpu")
+    (tmp_path / "input.txt").write_text(synthetic_text(20000))
+    c = tiny(tmp_path / "input.txt", n_layer=1, n_head=4, n_embd=128, block_size=16,
+             batch_size=16, steps_per_call=2, eval_iters=2, optimizer="muon")
+    c = aot.for_tpu(c)
+    c.mesh.fsdp = 2
+    topology = tpus.topology_name("v5p-8")
+    built, seconds, compiled = aot.compile_all(c, tpus.devices(topology), everything=False)
+    r = aot.report(built, topology, seconds, compiled)
+    labels = jax.tree.leaves(optim.muon_labels(built.state.params))
+    want = 0
+    for p, label in zip(jax.tree.leaves(built.state.params), labels, strict=True):
+        n = math.prod(p.shape)
+        split = 2 if n >= parallel.FSDP_MIN_SIZE else 1
+        want += (4 if label == "muon" else 8) * n // split
+    assert want <= r["memory"]["opt_state"] <= want + 64  # + the step counts
+    assert r["flops_per_step"]["optimizer"] == optim.newton_schulz_flops(built.state.params, 5)
+    assert r["flops_per_step"]["xla"] > r["flops_per_step"]["analytic"]
