@@ -155,9 +155,11 @@ def losses(workdir):
 
 
 def test_resume_with_muon_equals_uninterrupted(tmp_path):
+    """With bfloat16 compute and 2 accumulated micro-batches, too."""
     data = tmp_path / "input.txt"
     data.write_text(synthetic_text(20000))
-    config = lambda **kw: tiny(data, optimizer="muon", muon_lr=0.05, **kw)  # noqa: E731
+    config = lambda **kw: tiny(data, optimizer="muon", muon_lr=0.05,  # noqa: E731
+                               dtype="bfloat16", gradient_accumulation_steps=2, **kw)
     training.train(config(), tmp_path / "straight")
     training.train(config(max_iters=10), tmp_path / "resumed")
     training.train(config(), tmp_path / "resumed")  # init_from=auto: continues at step 10
