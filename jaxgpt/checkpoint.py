@@ -34,7 +34,7 @@ from jaxgpt import config as config_lib
 from jaxgpt import parallel
 from jaxgpt import tokenizer as tokenizers
 from jaxgpt.errors import UserError
-from jaxgpt.model import WEIGHT_KEYS
+from jaxgpt.gpt_config import WEIGHT_KEYS
 from jaxgpt.workdir import as_path, is_remote
 
 CHECKPOINT_DIR = "checkpoints"
@@ -184,6 +184,15 @@ def restore(workdir_or_manager, abstract_state, step: int | None = None):
                   f"{steps[i + 1]}")
             continue
         return abstract_state.replace(**tree), s
+
+
+def restore_for_eval(config, workdir, state):
+    """(state, step or None) that eval_only evaluates: this workdir's latest checkpoint if
+    init_from asks for it (resume, or auto with one), else `state` as it is."""
+    has_checkpoint = (as_path(workdir) / CHECKPOINT_DIR).is_dir()
+    if config.init_from == "resume" or (config.init_from == "auto" and has_checkpoint):
+        return restore(workdir, abstract_like(state))
+    return state, None
 
 
 DAMAGED = "damaged"  # a step whose metrics cannot be read
@@ -362,6 +371,7 @@ class RunCheckpoints:
         self.metrics = read_metrics(self.manager)
         self.good_step = self.manager.latest_step()  # the newest completely written step
         self.writing = None  # the step whose async write is in flight
+        self.evaluated = None  # the resumed step, if its eval is saved (`start`)
         self.failed = False
         self.best_val = min((v for v in self.metrics.values() if isinstance(v, float)),
                             default=math.inf)
@@ -444,6 +454,8 @@ class RunCheckpoints:
             check_compatible(self.workdir, self.config, tokenizer)
             self.prune()  # what earlier runs left beyond keep_best + the latest
             state, resumed = restore(self.manager, abstract_like(state))
+        # a resumed step with a val loss was evaluated and saved already: not evaluated again
+        self.evaluated = resumed if isinstance(self.metrics.get(resumed), float) else None
         write_run_info(self.workdir, self.config, tokenizer)
         return state, resumed
 

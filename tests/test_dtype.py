@@ -13,7 +13,8 @@ import pytest
 
 from jaxgpt import flops, training
 from jaxgpt import step as step_lib
-from jaxgpt.model import auto_dtype, make_model, resolve_dtype
+from jaxgpt.dtype import auto_dtype, resolve_dtype
+from jaxgpt.model import make_model
 from jaxgpt.parallel import make_mesh
 from tests.conftest import tiny
 

@@ -81,4 +81,4 @@ def test_the_import_graph_has_no_cycle():
 def test_the_compiled_side_imports_only_the_model_optimizer_and_mesh():
     """step.py is what checkpoint and pretrained build on: it must not import the loop."""
     top, _ = graph()["step"]
-    assert top <= {"model", "optim", "parallel", "errors"}, top
+    assert top <= {"model", "dtype", "optim", "parallel", "errors"}, top

@@ -17,7 +17,8 @@ from jaxgpt import step as step_lib
 from jaxgpt import tokenizer as tokenizers
 from jaxgpt.data import Dataset
 from jaxgpt.errors import UserError
-from jaxgpt.model import GPT, GPTConfig, count_params, make_model, resolve_dtype
+from jaxgpt.dtype import resolve_dtype
+from jaxgpt.model import GPT, GPTConfig, count_params, make_model
 from jaxgpt.tokenizer import BPETokenizer
 from tests.conftest import byte_encoding, tiny
 
