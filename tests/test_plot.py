@@ -170,16 +170,15 @@ def trained(tmp_path_factory):
     return runs
 
 
-def test_attention_draws_model_attention_maps(trained):
-    from jaxgpt import model as model_lib
+def test_attention_draws_attention_maps(trained):
     from jaxgpt.pretrained import load_run
 
     text = "the cat sat on a mat.\n"  # 22 characters: clipped to block_size=16, the last kept
     maps, labels, layers = plot.attention(trained[4], text)
     run = load_run(trained[4])
     ids = run.tokenizer.encode(text[-16:])
-    np.testing.assert_array_equal(maps, model_lib.attention_maps(run.model, run.params,
-                                                                 np.asarray(ids)))
+    np.testing.assert_array_equal(maps, plot.attention_maps(run.model, run.params,
+                                                            np.asarray(ids)))
     assert maps.shape == (2, 4, 16, 16) and layers == [0, 1]
     assert labels == [c.replace(" ", "\u00b7").replace("\n", "\\n") for c in text[-16:]]
     one, _, layers = plot.attention(trained[4], text, layer=1)
