@@ -1155,7 +1155,7 @@ assert np.allclose(yours, theirs, atol=1e-5), float(jnp.abs(yours - theirs).max(
 print(f"same parameter tree; same logits (max difference {float(jnp.abs(yours - theirs).max()):.1e})")
 
 # %% [markdown]
-# *Tests:* `test_lecture_model.py::test_from_lecture_gives_gpt_py_logits` (jaxgpt's model
+# *Tests:* `test_lecture.py::test_from_lecture_gives_gpt_py_logits` (jaxgpt's model
 # against the lecture's own `gpt.py`), `test_model.py::test_fused_heads_equal_multi_head_attention`.
 #
 # ## nanoGPT's changes
