@@ -19,7 +19,6 @@ A workdir or `--out` may be a cloud URL (gs://bucket/run). Needs matplotlib
 
 import dataclasses
 import io
-import json
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ from absl import flags, logging
 from etils import epath
 
 from jaxgpt import cli, pretrained
+from jaxgpt import metrics as metrics_lib
 from jaxgpt import model as model_lib
 from jaxgpt.errors import UserError
 from jaxgpt.workdir import as_path
@@ -49,18 +49,12 @@ def read_metrics(workdir) -> dict:
     eval: step, train_loss, val_loss, lr (every eval_interval); train: step, loss, lr (every
     log_interval). A resumed run repeats no step, so the lists are in step order as written.
     """
-    path = as_path(workdir) / "metrics.jsonl"
+    path = as_path(workdir) / metrics_lib.METRICS_FILE
     if not path.is_file():
         raise UserError(f"{path}: no such file; pass the --workdir of a train.py run")
     fields = {"eval": ("step", "train_loss", "val_loss", "lr"), "train": ("step", "loss", "lr")}
     out = {kind: {f: [] for f in names} for kind, names in fields.items()}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{n} is not JSON; is it a metrics.jsonl of train.py?") from None
+    for event in metrics_lib.read(workdir):  # a line cut short is skipped, with a warning
         kind = event.get("event")
         if kind in out:
             for f in fields[kind]:

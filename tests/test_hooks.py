@@ -79,9 +79,9 @@ def fake_setup(compile_seconds=0.0):
 
 
 def make_loop(schedule, recorder, signals=None, measures=(), compile_seconds=0.0):
-    return training.Loop(fake_setup(compile_seconds), schedule, [recorder], eval_key=jax.random.PRNGKey(0),
-                         measures=list(measures), mfu=lambda s: None,
-                         signals=signals or Signals(), say=lambda *a: None)
+    return training.Loop(fake_setup(compile_seconds), schedule, [recorder],
+                         eval_key=jax.random.PRNGKey(0), measures=list(measures),
+                         mfu=lambda s: None, signals=signals or Signals(), say=lambda *a: None)
 
 
 EVAL_SECONDS = 0.1

@@ -111,6 +111,23 @@ def test_plots_a_real_training_run(tmp_path, text_file):
                                   [[e["step"], e["val_loss"]] for e in evals])
 
 
+def test_cut_lines_are_skipped_with_one_warning(tmp_path, capsys):
+    """A line cut short by a write that never finished (a disk that filled) with the next
+    run's record glued onto it, and a cut last line: the rest is drawn, with one warning."""
+    ev, tr = write_metrics(tmp_path, seed=2)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(lines[i])["step"] for i in (2, 3)] == [2, 4]  # two train records
+    damaged = lines[:2] + [lines[2][:30] + lines[3]] + lines[4:] + [lines[-1][:25]]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(damaged))
+    m = plot.read_metrics(tmp_path)
+    assert m["eval"] == ev
+    kept = [i for i, s in enumerate(tr["step"]) if s not in (2, 4)]
+    assert m["train"] == {k: [v[i] for i in kept] for k, v in tr.items()}
+    assert capsys.readouterr().err.count("skipped 2 lines of") == 1
+    loss = lines_by_label(plot.figure([tmp_path]).axes[0])
+    np.testing.assert_array_equal(loss[f"{tmp_path.name}: val loss"][:, 1], ev["val_loss"])
+
+
 @pytest.mark.parametrize("content", [None, "", "\n"])
 def test_missing_or_empty_metrics_is_one_line(tmp_path, content):
     if content is not None:

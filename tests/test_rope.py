@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from jaxgpt import sampling, training
-from jaxgpt.errors import UserError
 from jaxgpt.convert import fused
+from jaxgpt.errors import UserError
 from jaxgpt.model import GPT, GPTConfig
 from jaxgpt.sampling import decode, init_cache
 from tests.conftest import tiny

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from jaxgpt import sampling
-from jaxgpt.errors import UserError
 from jaxgpt.convert import fused
+from jaxgpt.errors import UserError
 from jaxgpt.model import GPT, BigramLanguageModel, GPTConfig
 from jaxgpt.sampling import decode, init_cache
 
