@@ -31,7 +31,7 @@ from ml_collections import config_flags
 from jaxgpt import batches, cli, datasets, parallel, sampling, step, tpus
 from jaxgpt import config as config_lib
 from jaxgpt.errors import UserError
-from jaxgpt.flops import datasheet_peak, flops_per_token
+from jaxgpt.flops import datasheet_peak, flops_per_token, optimizer_flops
 from jaxgpt.model import count_params, make_model
 from jaxgpt.training import out_of_memory
 
@@ -230,7 +230,10 @@ def report(built: Built, topology: str, compile_s: dict, compiled: dict) -> dict
     peak, peak_source = datasheet_peak(first, "bfloat16")
     step_s = max(xla_flops / peak, hbm_bytes / chip.hbm_bytes_per_s)
     out |= {
-        "flops_per_step": {"xla": xla_flops, "analytic": analytic},
+        # Muon's Newton–Schulz, whole (each device runs it whole where the kernels are
+        # replicated); XLA's figure includes it, the analytic model FLOPs do not
+        "flops_per_step": {"xla": xla_flops, "analytic": analytic,
+                           "optimizer": optimizer_flops(config, built.state.params)},
         "roofline": {"step_s": step_s, "mfu_ceiling": analytic / peak / step_s,
                      "compute_s": xla_flops / peak, "memory_s": hbm_bytes / chip.hbm_bytes_per_s,
                      "peak_flops": peak, "peak_source": peak_source,
@@ -383,7 +386,8 @@ def print_report(r: dict, say) -> None:
             say(f"  {name} call: {_gib(r[name]['total'])} in all")
     f, roof = r["flops_per_step"], r["roofline"]
     say(f"FLOPs per step per device: XLA {f['xla']:.3g}, analytic 6N + 12·L·H·Q·T "
-        f"{f['analytic']:.3g}")
+        f"{f['analytic']:.3g}" + (f", Muon's Newton–Schulz {f['optimizer']:.3g} (not in the "
+                                  "analytic figure)" if f.get("optimizer") else ""))
     say(f"roofline: step >= {roof['step_s'] * 1e3:.1f} ms (compute {roof['compute_s'] * 1e3:.1f}"
         f" ms at {roof['peak_flops'] / 1e12:.0f} TFLOP/s bf16, memory "
         f"{roof['memory_s'] * 1e3:.1f} ms at {roof['hbm_bytes_per_s'] / 1e9:.0f} GB/s), "

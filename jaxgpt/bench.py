@@ -30,7 +30,7 @@ from ml_collections import config_flags
 from jaxgpt import batches, cli, sampling, training
 from jaxgpt import config as config_lib
 from jaxgpt import data as data_lib
-from jaxgpt.flops import PEAK_TFLOPS, datasheet_peak, flops_per_token  # noqa: F401
+from jaxgpt.flops import PEAK_TFLOPS, datasheet_peak, flops_per_token, optimizer_flops  # noqa: F401
 from jaxgpt.gpt_config import GPTConfig
 from jaxgpt.model import count_params
 from jaxgpt.tokenizer import CharTokenizer
@@ -139,6 +139,7 @@ def bench_train(config, s: training.Setup, quick: bool, calls: int):
         peak_source = (f"measured: float32 {probe_n}x{probe_n} matmul, median of "
                        f"{len(probe_times)} runs between rounds of timed calls")
     achieved = fpt * tokens / step["median"]
+    opt_flops = optimizer_flops(config, state.params)  # Muon's Newton–Schulz (0 for AdamW)
     stats = device.memory_stats() or {}
     return {
         "params": n_params,
@@ -152,6 +153,8 @@ def bench_train(config, s: training.Setup, quick: bool, calls: int):
         "flops_per_token": fpt,
         "flops_per_step": fpt * tokens,
         "achieved_tflops": achieved / 1e12,
+        "optimizer_flops_per_step": opt_flops,
+        "achieved_tflops_with_optimizer": (fpt * tokens + opt_flops) / step["median"] / 1e12,
         "peak_tflops": peak / 1e12,
         "peak_source": peak_source,
         "mfu": achieved / peak,
@@ -260,6 +263,11 @@ def train_rows(t: dict) -> list[tuple[str, str]]:
         ("FLOPs / token", f"{t['flops_per_token'] / 1e6:.2f} M (6N + 12·L·H·Q·T)"),
         ("GFLOP / step", f"{t['flops_per_step'] / 1e9:.2f}"),
         ("achieved", f"{1e3 * t['achieved_tflops']:.1f} GFLOP/s"),
+    ] + ([
+        ("optimizer GFLOP / step", f"{t['optimizer_flops_per_step'] / 1e9:.2f} (Muon's "
+         f"Newton–Schulz; with them {1e3 * t['achieved_tflops_with_optimizer']:.1f} GFLOP/s, "
+         "not in MFU)"),
+    ] if t.get("optimizer_flops_per_step") else []) + [
         ("peak", f"{1e3 * t['peak_tflops']:.1f} GFLOP/s ({t['peak_source']})"),
         ("MFU", f"{100 * t['mfu']:.1f} % (paired per round: {100 * t['mfu_paired']:.1f} %, "
                 f"at the min step time: {100 * t['mfu_best']:.1f} %)"),

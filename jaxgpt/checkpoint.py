@@ -279,6 +279,8 @@ def check_compatible(workdir, config, tokenizer) -> None:
               if saved.get(k) != config.get(k)]
     if (saved.grad_clip > 0) != (config.grad_clip > 0):  # clipping adds an optimizer state
         differ.append(f"grad_clip ({saved.grad_clip} -> {config.grad_clip})")
+    if saved.optimizer != config.optimizer:  # another optimizer state
+        differ.append(f"optimizer ({saved.optimizer!r} -> {config.optimizer!r})")
     if load_tokenizer(workdir).to_dict() != tokenizer.to_dict():
         differ.append("the dataset's vocabulary (tokenizer)")
     if differ:

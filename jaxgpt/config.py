@@ -18,6 +18,9 @@ MODELS = ("gpt", "bigram")
 # to start from (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a path: see pretrained.py)
 INIT_FROM = ("auto", "scratch", "resume")
 PARAM_COUNTS = ("nanogpt", "all")
+OPTIMIZERS = ("adamw", "muon")
+DECAY_SHAPES = ("cosine", "linear")
+MUON_SCALES = ("width", "rms", "none")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -56,6 +59,23 @@ def base_config() -> ml_collections.ConfigDict:
     # True: decay every param (torch's AdamW on model.parameters(), the lecture); False: only
     # >= 2-D weights (nanoGPT)
     c.decay_all = False
+    # the decay after the warmup: cosine (nanoGPT) | linear (a straight line to min_lr at
+    # lr_decay_iters, modded-nanogpt's cool-down)
+    c.decay_shape = "cosine"
+    # adamw: AdamW on every param (nanoGPT) | muon: Muon (jaxgpt/optim.py) on the transformer
+    # blocks' 2-D matmul kernels, the AdamW above (its lr, schedule, betas, decay mask) on the
+    # rest (embeddings, the tied lm_head, LayerNorms, biases); grad_clip clips both, before
+    c.optimizer = "adamw"
+    # Muon's group: peak lr on the same schedule shape (warmup, decay, min_lr in proportion)
+    c.muon_lr = 0.02
+    c.muon_momentum = 0.95
+    c.muon_nesterov = True
+    # decoupled, times the lr (torch's AdamW convention); modded-nanogpt's early records: 0
+    c.muon_weight_decay = 0.0
+    c.muon_ns_steps = 5
+    # the orthogonalised update's scale: width sqrt(max(1, fan_out/fan_in)) (Keller Jordan) |
+    # rms 0.2 sqrt(max(fan_in, fan_out)) (Moonshot: AdamW's update size) | none
+    c.muon_scale = "width"
     # loop
     c.batch_size = 12
     c.gradient_accumulation_steps = 1
@@ -115,6 +135,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """
     _one_of(config, "model", MODELS)  # init_from: pretrained.source checks names and paths
     _one_of(config, "param_count", PARAM_COUNTS)
+    _one_of(config, "optimizer", OPTIMIZERS)
+    _one_of(config, "decay_shape", DECAY_SHAPES)
+    _one_of(config, "muon_scale", MUON_SCALES)
     try:
         GPTConfig.from_config(config, vocab_size=1)
         attention.check(config.attention_impl, config.dtype, jax.default_backend())
@@ -131,6 +154,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError("config.learning_rate must be > 0 and config.min_lr >= 0")
     if config.grad_clip < 0 or config.weight_decay < 0:
         raise UserError("config.grad_clip and config.weight_decay must be >= 0")
+    _check_muon(config)
+
+
+def _check_muon(config):
+    if config.muon_lr <= 0:
+        raise UserError(f"config.muon_lr={config.muon_lr}: must be > 0 (modded-nanogpt: 0.02)")
+    if not 0 <= config.muon_momentum < 1:
+        raise UserError(f"config.muon_momentum={config.muon_momentum}: must be in [0, 1) "
+                        "(modded-nanogpt: 0.95)")
+    if config.muon_weight_decay < 0:
+        raise UserError(f"config.muon_weight_decay={config.muon_weight_decay}: must be >= 0")
+    if config.muon_ns_steps <= 0:
+        raise UserError(f"config.muon_ns_steps={config.muon_ns_steps}: must be a positive "
+                        "integer (modded-nanogpt: 5)")
 
 
 def _one_of(config, key, allowed):

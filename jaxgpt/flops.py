@@ -1,6 +1,8 @@
 """FLOPs of a training step (nanoGPT's estimate_mfu) and the chips' datasheet peaks: the
 benchmark's MFU and the training loop's log line use the same figures."""
 
+from jaxgpt import optim
+
 # Dense (no sparsity) peak TFLOP/s per chip from the vendors' datasheets: NVIDIA H100/H200
 # datasheet (SXM), A100 datasheet, V100 and T4 datasheets (no bf16: fp16 tensor-core figure), L4
 # datasheet (its 242 bf16 figure is with sparsity: half of it dense); Google Cloud
@@ -30,6 +32,15 @@ def flops_per_token(config, n_params: int) -> int:
     attention's QK^T and (att)V, 2·2·T·C forward per token and layer, x3 with the backward."""
     L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
     return 6 * n_params + 12 * L * H * Q * T
+
+
+def optimizer_flops(config, params) -> int:
+    """Muon's Newton–Schulz matmul FLOPs per step (optim.newton_schulz_flops); 0 for AdamW,
+    whose elementwise update nanoGPT's count leaves out too. Not model FLOPs: MFU leaves them
+    out (Muon's extra work shows as a lower MFU); the benchmark and aot print them beside."""
+    if config.optimizer != "muon":
+        return 0
+    return optim.newton_schulz_flops(params, config.muon_ns_steps)
 
 
 def datasheet_peak(device, dtype: str) -> tuple[float, str]:

@@ -61,7 +61,8 @@ class CPUEstimate:
 
 class MFU:
     """Model FLOPs utilization of a step time: nanoGPT's FLOPs count over the datasheet peak of
-    every device in the mesh; `None` where the peak is unknown (CPUs, unlisted chips)."""
+    every device in the mesh; `None` where the peak is unknown (CPUs, unlisted chips). Muon's
+    Newton–Schulz FLOPs are optimizer work, not model FLOPs: not counted (flops.optimizer_flops)."""
 
     def __init__(self, config, n_params: int, n_devices: int, device=None):
         device = device or jax.devices()[0]
