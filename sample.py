@@ -14,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 from absl import flags, logging
 
-from jaxgpt import cli
+from jaxgpt import cli, pretrained, sampling
 from jaxgpt.errors import UserError
 
 flags.DEFINE_string("workdir", None, "A workdir written by train.py.")
@@ -50,11 +52,6 @@ def read_prompt(start: str) -> str:
 
 
 def run():
-    import jax
-    import numpy as np
-
-    from jaxgpt import pretrained, sampling
-
     if FLAGS.num_samples <= 0:
         raise UserError(f"--num_samples={FLAGS.num_samples}: must be a positive integer")
     if FLAGS.init_from:

@@ -248,7 +248,7 @@ print(len(train_data), len(val_data))
 
 # %% [markdown]
 # *In jaxgpt:* `tokenizer.CharTokenizer`, `datasets.load` (the 90/10 split). *Tests:*
-# `test_data.py::test_char_tokenizer_round_trip`, `test_data.py::test_split_is_90_10_in_order`,
+# `test_tokenizer.py::test_char_tokenizer_round_trip`, `test_data.py::test_split_is_90_10_in_order`,
 # `test_shakespeare.py::test_the_lectures_dataset_figures` (1,115,394 characters, 65 distinct).
 #
 # ## Batches of chunks
@@ -291,7 +291,7 @@ for b in range(batch_size):  # batch dimension
     break  # the first row is enough to see the pattern
 
 # %% [markdown]
-# *In jaxgpt:* `batches.get_batch`. *Test:* `test_data.py::test_get_batch_windows_are_shifted_by_one`.
+# *In jaxgpt:* `batches.get_batch`. *Test:* `test_batches.py::test_get_batch_windows_are_shifted_by_one`.
 #
 # ## The bigram model
 #
@@ -347,8 +347,8 @@ print("same as jaxgpt's:", np.allclose(
         {"params": params}, xb), logits))
 
 # %% [markdown]
-# *Tests:* `test_model.py::test_loss_at_init_is_about_ln_vocab`,
-# `test_model.py::test_bigram_reads_logits_off_the_table`.
+# *Tests:* `test_lecture.py::test_loss_at_init_is_about_ln_vocab`,
+# `test_lecture.py::test_bigram_reads_logits_off_the_table`.
 #
 # **Generation**, the lecture's loop: take the logits at the last position, sample, append,
 # repeat. `jax.random.categorical` samples from *logits* (it applies the softmax itself), where
@@ -614,7 +614,7 @@ print(np.allclose(wei0 @ x, model.weighted_average(x), atol=1e-6))
 
 # %% [markdown]
 # *In jaxgpt:* `model.weighted_average`. *Tests:*
-# `test_model.py::test_weighted_average_equals_the_lectures_loop`,
+# `test_lecture.py::test_weighted_average_equals_the_lectures_loop`,
 # `test_lecture.py::test_the_four_versions_of_the_trick_agree`.
 #
 # ## One head of self-attention
@@ -667,7 +667,7 @@ print("and so does jaxgpt's model.Head:",
       np.allclose(model.Head(cfg).apply({"params": head_params}, x), scaled @ v, atol=1e-5))
 
 # %% [markdown]
-# *Test:* `test_model.py::test_head_is_softmax_of_scaled_affinities` (against a numpy
+# *Test:* `test_lecture.py::test_head_is_softmax_of_scaled_affinities` (against a numpy
 # transcription of the lecture's `Head.forward`).
 #
 # ## Notes on attention
@@ -891,7 +891,7 @@ with timed("the lecture's steps, trained one by one"):
 # *In jaxgpt:* `model.MultiHeadAttention`. The lecture's exercise 1 (below) does all heads in
 # one batched matrix multiply: `model.CausalSelfAttention`, nanoGPT's form. *Tests:*
 # `test_lecture.py::test_multi_head_is_heads_side_by_side_projected`,
-# `test_model.py::test_fused_heads_equal_multi_head_attention`.
+# `test_lecture.py::test_fused_heads_equal_multi_head_attention`.
 #
 # ## Feed-forward: the computation
 #
@@ -1042,7 +1042,7 @@ print(drop.apply({}, ones, deterministic=False, rngs={"dropout": dropout_key}))
 print(drop.apply({}, ones, deterministic=True))  # evaluation: the identity
 
 # %% [markdown]
-# *Test:* `test_model.py::test_dropout_only_when_not_deterministic`.
+# *Test:* `test_lecture.py::test_dropout_only_when_not_deterministic`.
 #
 # ## Scaling up
 #
@@ -1155,8 +1155,8 @@ assert np.allclose(yours, theirs, atol=1e-5), float(jnp.abs(yours - theirs).max(
 print(f"same parameter tree; same logits (max difference {float(jnp.abs(yours - theirs).max()):.1e})")
 
 # %% [markdown]
-# *Tests:* `test_lecture_model.py::test_from_lecture_gives_gpt_py_logits` (jaxgpt's model
-# against the lecture's own `gpt.py`), `test_model.py::test_fused_heads_equal_multi_head_attention`.
+# *Tests:* `test_lecture.py::test_from_lecture_gives_gpt_py_logits` (jaxgpt's model
+# against the lecture's own `gpt.py`), `test_lecture.py::test_fused_heads_equal_multi_head_attention`.
 #
 # ## nanoGPT's changes
 #

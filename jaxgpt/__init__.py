@@ -3,6 +3,8 @@
 from jaxgpt import parallel
 from jaxgpt.errors import UserError
 
-parallel.cpu_without_accelerators()  # before any backend starts: see its docstring
+# On import, not in the entry points: Python users (the notebook, load_run) start JAX too, and
+# on a machine with libtpu but no TPU this keeps libtpu's warnings from them; see its docstring.
+parallel.cpu_without_accelerators()
 
 __all__ = ["UserError"]

@@ -84,9 +84,9 @@ def accuracy(model, params, ids, n_digits: int, reverse: bool) -> float:
 
 
 def load(config, tokenizer=None) -> Dataset:
-    """The task as a data.Dataset: problem ids per split, the 12-character tokenizer, how to
-    draw examples and the accuracy evaluation. `tokenizer` (weights to start from) must be the
-    task's own."""
+    """The task as a data.Dataset: problem ids per split, the 12-character tokenizer and how to
+    draw examples (`Accuracy` scores the held-out problems). `tokenizer` (weights to start
+    from) must be the task's own."""
     a = config.addition
     if tokenizer is not None and tokenizer.to_dict() != TOKENIZER.to_dict():
         raise UserError(f"dataset=addition needs the vocabulary {CHARS!r}, but "
@@ -103,9 +103,17 @@ def load(config, tokenizer=None) -> Dataset:
         raise UserError(f"block_size={config.block_size} is shorter than a problem: set "
                         f"--config.block_size={seq_len(a.digits) - 1} for {a.digits} digits")
     train, val = problem_ids(a.digits, a.eval_problems, config.seed)
-
-    def evaluate(model, params):
-        return {"accuracy": accuracy(model, params, val, a.digits, a.reverse)}
-
-    return Dataset(train=train, val=val, tokenizer=TOKENIZER, evaluate=evaluate,
+    return Dataset(train=train, val=val, tokenizer=TOKENIZER,
                    draw=functools.partial(draw, n_digits=a.digits, reverse=a.reverse))
+
+
+class Accuracy:
+    """The task's measure at every eval of a run (training.eval_measures): {"accuracy": the
+    exact-match accuracy on the held-out problems `val`}."""
+
+    def __init__(self, model, val, addition_config):
+        self.model, self.val = model, val
+        self.digits, self.reverse = addition_config.digits, addition_config.reverse
+
+    def __call__(self, params) -> dict:
+        return {"accuracy": accuracy(self.model, params, self.val, self.digits, self.reverse)}

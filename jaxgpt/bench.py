@@ -28,9 +28,11 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxgpt import batches, cli, sampling, training
+from jaxgpt import config as config_lib
 from jaxgpt import data as data_lib
 from jaxgpt.flops import PEAK_TFLOPS, datasheet_peak, flops_per_token, optimizer_flops  # noqa: F401
-from jaxgpt.model import GPTConfig, count_params
+from jaxgpt.gpt_config import GPTConfig
+from jaxgpt.model import count_params
 from jaxgpt.tokenizer import CharTokenizer
 
 
@@ -186,6 +188,7 @@ def run(config, quick: bool = False, calls: int = 20, only: str = "all") -> dict
     """All figures as one JSON-able dict; `only` = "train" or "sample" skips the other part."""
     device = jax.devices()[0]
     load_before = os.getloadavg()[0]  # other processes on a small CPU box skew every timing
+    config_lib.validate(config)
     s = training.setup(config, dataset=None if config.data_path else synthetic_dataset(config))
     train, state = None, s.state
     if only != "sample":

@@ -13,7 +13,6 @@ the last good checkpoint; the temporary directory a crash leaves is removed at t
 A failed write (a full disk, a quota, a permission) ends the run with one line (`WriteFailed`).
 """
 
-import asyncio
 import errno
 import json
 import math
@@ -28,47 +27,18 @@ import optax
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
-from orbax.checkpoint._src import asyncio_utils
 
 from jaxgpt import config as config_lib
-from jaxgpt import parallel
+from jaxgpt import orbax_fix, parallel
 from jaxgpt import tokenizer as tokenizers
 from jaxgpt.errors import UserError
-from jaxgpt.model import WEIGHT_KEYS
+from jaxgpt.gpt_config import WEIGHT_KEYS
 from jaxgpt.workdir import as_path, is_remote
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 STATE_FIELDS = ("step", "params", "opt_state", "rng")
-
-
-def _run_to_the_end(coro):
-    """orbax's `_run_sync_via_new_loop`, but the loop closes only once every task in it ended.
-
-    orbax runs each background write in a fresh event loop and closes it when the write's
-    coroutine returns. When one shard's write fails (a full disk), that is at once, while the
-    other shards' writes are still in tensorstore's hands: their completions then call into the
-    closed loop, each printing "RuntimeError: Event loop is closed" from a C++ thread, and
-    their tasks are logged as "exception never retrieved". Waiting for them (they end as soon
-    as their own writes fail) leaves the failure to be reported once, by the main thread.
-    """
-    loop = asyncio.new_event_loop()
-    try:
-        asyncio.set_event_loop(loop)
-        try:
-            return loop.run_until_complete(coro)
-        finally:
-            pending = asyncio.all_tasks(loop)
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
-
-
-if hasattr(asyncio_utils, "_run_sync_via_new_loop"):  # orbax-checkpoint >= 0.11
-    asyncio_utils._run_sync_via_new_loop = _run_to_the_end
 
 
 def _warn(message: str) -> None:
@@ -82,6 +52,7 @@ def _val_loss(metrics) -> float:
 
 def make_manager(workdir, keep_best: int = 1, *, read_only: bool = False):
     """The orbax manager of WORKDIR/checkpoints: async saves, best `keep_best` + latest kept."""
+    orbax_fix.apply()  # a failed write reported once, not by each of orbax's threads
     keep = policies.AnyPreservationPolicy([
         policies.LatestN(n=1),  # resume continues from here
         policies.BestN(get_metric_fn=_val_loss, reverse=True, n=keep_best),  # lowest val loss
@@ -184,6 +155,15 @@ def restore(workdir_or_manager, abstract_state, step: int | None = None):
                   f"{steps[i + 1]}")
             continue
         return abstract_state.replace(**tree), s
+
+
+def restore_for_eval(config, workdir, state):
+    """(state, step or None) that eval_only evaluates: this workdir's latest checkpoint if
+    init_from asks for it (resume, or auto with one), else `state` as it is."""
+    has_checkpoint = (as_path(workdir) / CHECKPOINT_DIR).is_dir()
+    if config.init_from == "resume" or (config.init_from == "auto" and has_checkpoint):
+        return restore(workdir, abstract_like(state))
+    return state, None
 
 
 DAMAGED = "damaged"  # a step whose metrics cannot be read
@@ -364,6 +344,7 @@ class RunCheckpoints:
         self.metrics = read_metrics(self.manager)
         self.good_step = self.manager.latest_step()  # the newest completely written step
         self.writing = None  # the step whose async write is in flight
+        self.evaluated = None  # the resumed step, if its eval is saved (`start`)
         self.failed = False
         self.best_val = min((v for v in self.metrics.values() if isinstance(v, float)),
                             default=math.inf)
@@ -446,6 +427,8 @@ class RunCheckpoints:
             check_compatible(self.workdir, self.config, tokenizer)
             self.prune()  # what earlier runs left beyond keep_best + the latest
             state, resumed = restore(self.manager, abstract_like(state))
+        # a resumed step with a val loss was evaluated and saved already: not evaluated again
+        self.evaluated = resumed if isinstance(self.metrics.get(resumed), float) else None
         write_run_info(self.workdir, self.config, tokenizer)
         return state, resumed
 

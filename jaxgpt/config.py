@@ -6,10 +6,12 @@ override (`--config.n_embed=...`) is rejected by ml_collections before anything 
 
 import dataclasses
 
+import jax
 import ml_collections
 
+from jaxgpt import attention
 from jaxgpt.errors import UserError
-from jaxgpt.model import GPTConfig
+from jaxgpt.gpt_config import GPTConfig
 
 MODELS = ("gpt", "bigram")
 # this workdir's own checkpoints (auto: resume if WORKDIR has one); anything else names weights
@@ -138,6 +140,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of(config, "muon_scale", MUON_SCALES)
     try:
         GPTConfig.from_config(config, vocab_size=1)
+        attention.check(config.attention_impl, config.dtype, jax.default_backend())
     except UserError as e:
         raise UserError(f"config.{e}") from None
     for key in ("batch_size", "max_iters", "eval_interval", "eval_iters", "log_interval",

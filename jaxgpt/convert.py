@@ -12,13 +12,17 @@ The layouts differ in one place only: torch's `nn.Linear` stores (out, in), flax
 kernel is (in, out); Hugging Face's GPT-2 uses `Conv1D`, already (in, out).
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
+import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.errors import UserError
-from jaxgpt.model import GPTConfig, fuse_heads
+from jaxgpt.gpt_config import GPTConfig
+from jaxgpt.model import GPT
 
 _PREFIX = "_orig_mod."  # torch.compile's wrapper prefixes every key of a compiled model
 _MODEL_ARGS = GPTConfig.keys("nanogpt")  # nanoGPT's GPTConfig: the keys of its model_args
@@ -252,3 +256,32 @@ def to_hf_gpt2(config: GPTConfig, params) -> tuple[dict, dict]:
           "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
           "bos_token_id": 50256, "eos_token_id": 50256, "torch_dtype": "float32"}
     return hf, {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The lecture's per-head params as the fused form's (same function, one batched op)
+
+
+def fuse_heads(attn: dict, config: GPTConfig) -> dict:
+    """A `MultiHeadAttention`'s params as `CausalSelfAttention`'s: the heads' key, query and
+    value kernels side by side in one (C, 3C) c_attn (q | k | v, head h at columns h*hs)."""
+    kernel = [jnp.concatenate([attn[f"heads_{h}"][name]["kernel"] for h in range(config.n_head)],
+                              axis=1) for name in ("query", "key", "value")]  # (C, C) each
+    c_attn = {"kernel": jnp.concatenate(kernel, axis=1)}  # (C, 3C)
+    if config.bias:  # the lecture's heads have no bias: zeros are the same function
+        c_attn["bias"] = jnp.zeros(3 * config.n_embd, jnp.float32)
+    return {"c_attn": c_attn, "c_proj": attn["c_proj"]}
+
+
+def fused(model: nn.Module, params):
+    """(model, params) of a `heads` GPT as the same function in fused form; others unchanged.
+
+    The lecture's per-head modules carry no KV cache: sampling runs their weights through
+    `CausalSelfAttention` instead.
+    """
+    if not isinstance(model, GPT) or model.config.attention == "fused":
+        return model, params
+    cfg = model.config
+    params = {name: {**p, "attn": fuse_heads(p["attn"], cfg)} if name.startswith("h_") else p
+              for name, p in params.items()}
+    return GPT(dataclasses.replace(cfg, attention="fused")), params

@@ -44,8 +44,6 @@ class Dataset:
     # a task's examples: draw(data, key, n) -> x, y (n, T), traced in the compiled call
     # (addition.py); None: the lecture's random text windows (batches.get_batch)
     draw: Callable | None = None
-    # a task's own measure, reported at every eval: (model, params) -> {name: value}
-    evaluate: Callable | None = None
 
 
 def _data_dir(config) -> str:

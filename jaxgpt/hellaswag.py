@@ -14,10 +14,9 @@ longer context loses its oldest tokens, the 4 rows the same ones) and the exampl
 one compiled call in batches of fixed size, the last padded, the batch sharded over every
 device. The file is the JSONL of rowanz/hellaswag ("ctx", "endings", "label"): --data, else
 the validation split downloaded once into ~/.cache/jaxgpt/hellaswag/. In training,
-`config.hellaswag_path` scores a file at every eval (`with_hellaswag`).
+`config.hellaswag_path` scores a file at every eval (`during_training`).
 """
 
-import dataclasses
 import functools
 import json
 import sys
@@ -185,24 +184,18 @@ class Scorer:
                 "hellaswag_n": len(self.labels)}
 
 
-def with_hellaswag(dataset, config, model, mesh):
-    """`dataset` whose evaluate also scores config.hellaswag_path (if set): hellaswag_acc and
-    hellaswag_acc_norm join its measures at every eval. The file is read and rendered here,
-    once per run; each batch is a quarter of batch_size examples (4 rows each)."""
-    if not config.hellaswag_path:
-        return dataset
+def during_training(config, model, tokenizer, mesh):
+    """config.hellaswag_path as a measure at every eval of a run (training.eval_measures):
+    (params) -> {hellaswag_acc, hellaswag_acc_norm}. The file is read and rendered here, once
+    per run; each batch is a quarter of batch_size examples (4 rows each)."""
     examples = read_examples(config.hellaswag_path, config.hellaswag_limit)
-    scorer = Scorer(model, dataset.tokenizer, examples, max(1, config.batch_size // ENDINGS),
-                    mesh)
-    own = dataset.evaluate
+    scorer = Scorer(model, tokenizer, examples, max(1, config.batch_size // ENDINGS), mesh)
 
-    def evaluate(model, params):
-        measures = own(model, params) if own else {}
+    def measure(params) -> dict:
         result = scorer(params)
-        return {**measures, "hellaswag_acc": result["hellaswag_acc"],
-                "hellaswag_acc_norm": result["hellaswag_acc_norm"]}
+        return {k: result[k] for k in ("hellaswag_acc", "hellaswag_acc_norm")}
 
-    return dataclasses.replace(dataset, evaluate=evaluate)
+    return measure
 
 
 # ---------------------------------------------------------------------------------------------

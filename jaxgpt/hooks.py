@@ -1,9 +1,9 @@
 """Hooks: the work the training loop hands off after each compiled call and each eval.
 
-The loop (training.Loop) calls every hook at each moment of `Hook`, in list order: metrics
-writing, the progress bar, the finite check, the CPU time estimate, the profiler, the
-checkpoints. Each is a small object with the state it needs; none of them touches the train
-state except to read it.
+The loop (training.Loop) calls every hook at each moment of `Hook`, in list order (`make`):
+the finite check, metrics writing, the progress bar, the CPU time estimate, the profiler, the
+checkpoints. Each is a small object holding what it needs; a moment's arguments are what the
+hooks use (the step, the state, a call's metrics, an eval's losses); none changes the state.
 """
 
 import dataclasses
@@ -21,10 +21,10 @@ class Call:
     """One finished compiled call, read back on the host one call late (so the host never waits
     for the call in flight)."""
 
-    index: int  # 0 for the run's first call
+    index: int  # 0 for the run's first call (the one that compiled)
     first_step: int
     metrics: dict  # {"loss", "grad_norm", "lr"}: (n,) numpy arrays
-    seconds: float  # since the previous call finished: its run time on the device
+    seconds: float  # its run time on the device
     mfu: float | None  # model FLOPs utilization, where the chip's peak is known
 
     @property
@@ -37,23 +37,38 @@ class Call:
 
 
 class Hook:
-    """What the loop calls; a hook overrides the moments it cares about. `loop` is the
-    training.Loop: its state, step, calls and schedule are the hook's to read."""
+    """What the loop calls; a hook overrides the moments it cares about."""
 
-    def before_call(self, loop, n: int) -> None:
-        """Before dispatching the call that runs steps loop.step .. loop.step + n - 1."""
+    def before_call(self, index: int, step: int, state) -> None:
+        """Before dispatching call `index` (0: the one that compiles), which starts at `step`."""
 
-    def after_call(self, loop, call: Call) -> None:
+    def after_call(self, call: Call) -> None:
         """A call's metrics are on the host."""
 
-    def eval_progress(self, loop, done: int, total: int, seconds: float) -> None:
-        """`done` of an eval's `total` calls ran, the last in `seconds`."""
+    def eval_progress(self, step: int, done: int, total: int, seconds: float) -> None:
+        """`done` of the eval's `total` calls at `step` ran, the last in `seconds`."""
 
-    def after_eval(self, loop, losses: dict, extra: dict) -> None:
-        """An eval at loop.step finished: {train, val} losses and a task's own measures."""
+    def after_eval(self, step: int, state, losses: dict, measures: dict) -> None:
+        """The eval at `step` finished: {train, val} losses and a task's own measures."""
 
-    def at_end(self, loop) -> None:
-        """The run reached max_iters (not called when it stops early)."""
+    def on_stop(self, step: int, state) -> bool:
+        """The run stops at `step` (SIGTERM, Ctrl-C); True if this hook saved the state."""
+        return False
+
+    def at_end(self, step: int, state) -> None:
+        """The run reached the schedule's end (not called when it stops early)."""
+
+
+def make(config, workdir, writer: metrics_lib.Metrics, bar: tqdm,
+         ckpt: checkpoint.RunCheckpoints | None, schedule, say, *, enabled: bool) -> list[Hook]:
+    """A run's hooks, in the order they run; without checkpoints (eval_only) neither the
+    profiler nor the checkpoints. `enabled`: this process writes (process 0)."""
+    hooks = [FiniteCheck(), MetricsLog(writer, config, say), ProgressBar(bar),
+             CPUTimeWarning(config, say)]
+    if ckpt is not None:
+        hooks += [Profile(profiling.Profiler(config, workdir, enabled=enabled, say=say)),
+                  Checkpoints(ckpt, schedule)]
+    return hooks
 
 
 def check_finite(loss: float, step: int) -> None:
@@ -66,12 +81,12 @@ def check_finite(loss: float, step: int) -> None:
 class FiniteCheck(Hook):
     """A NaN or infinite loss ends the run with one line, before it is logged or saved."""
 
-    def after_call(self, loop, call):
+    def after_call(self, call):
         for i, loss in enumerate(call.metrics["loss"]):
             check_finite(float(loss), call.first_step + i)
 
-    def after_eval(self, loop, losses, extra):
-        check_finite(losses["val"], loop.step)
+    def after_eval(self, step, state, losses, measures):
+        check_finite(losses["val"], step)
 
 
 class MetricsLog(Hook):
@@ -83,7 +98,7 @@ class MetricsLog(Hook):
         self.tokens_per_step = (config.batch_size * config.gradient_accumulation_steps
                                 * config.block_size)
 
-    def after_call(self, loop, call):
+    def after_call(self, call):
         extra = {} if call.mfu is None else {"mfu": call.mfu}
         for i in range(call.n):
             if (call.first_step + i) % self.log_interval == 0:
@@ -93,11 +108,11 @@ class MetricsLog(Hook):
                                   tokens_per_sec=self.tokens_per_step * 1000 / call.step_ms,
                                   **extra)
 
-    def after_eval(self, loop, losses, extra):
-        self.say(f"step {loop.step}: train loss {losses['train']:.4f}, val loss "
-                 f"{losses['val']:.4f}" + "".join(f", {k} {v:.4f}" for k, v in extra.items()))
-        self.writer.write("eval", loop.step, train_loss=losses["train"], val_loss=losses["val"],
-                          lr=float(loop.state.lr_schedule(loop.step)), **extra)
+    def after_eval(self, step, state, losses, measures):
+        self.say(f"step {step}: train loss {losses['train']:.4f}, val loss "
+                 f"{losses['val']:.4f}" + "".join(f", {k} {v:.4f}" for k, v in measures.items()))
+        self.writer.write("eval", step, train_loss=losses["train"], val_loss=losses["val"],
+                          lr=float(state.lr_schedule(step)), **measures)
         self.writer.flush()
 
 
@@ -107,22 +122,23 @@ class ProgressBar(Hook):
     def __init__(self, bar: tqdm):
         self.bar = bar
 
-    def status(self, text: str) -> None:
-        self.bar.set_postfix_str(text)
+    def before_call(self, index, step, state):
+        if index == 0:
+            self.bar.set_postfix_str("compiling the training step")
 
-    def before_call(self, loop, n):
-        if loop.calls == 0:
-            self.status("compiling the training step")
-
-    def after_call(self, loop, call):
+    def after_call(self, call):
         shown = {"loss": f"{float(call.metrics['loss'][-1]):.4f}", "ms": f"{call.step_ms:.1f}"}
         if call.mfu is not None:
             shown["mfu"] = f"{100 * call.mfu:.1f}%"
         self.bar.update(call.n)
         self.bar.set_postfix(shown)
 
-    def eval_progress(self, loop, done, total, seconds):
-        self.status(f"evaluating {done}/{total}")
+    def eval_progress(self, step, done, total, seconds):
+        self.bar.set_postfix_str(f"evaluating {done}/{total}")
+
+    def on_stop(self, step, state):
+        self.bar.set_postfix_str("saving a checkpoint")
+        return False
 
 
 class CPUTimeWarning(Hook):
@@ -136,12 +152,12 @@ class CPUTimeWarning(Hook):
         if line:
             self.say(line)
 
-    def eval_progress(self, loop, done, total, seconds):
+    def eval_progress(self, step, done, total, seconds):
         if done == 1:
             per_batch = seconds * total / (2 * self.eval_iters)
-            self._warn(self.estimate.after_eval_batches(per_batch, loop.step))
+            self._warn(self.estimate.after_eval_batches(per_batch, step))
 
-    def after_call(self, loop, call):
+    def after_call(self, call):
         if call.index == 0:
             self._warn(self.estimate.after_train_call(call.seconds / call.n, call.first_step))
 
@@ -152,23 +168,26 @@ class Profile(Hook):
     def __init__(self, profiler: profiling.Profiler):
         self.profiler = profiler
 
-    def before_call(self, loop, n):
-        self.profiler.before_call(loop.step, loop.calls, loop.state)
+    def before_call(self, index, step, state):
+        self.profiler.before_call(step, index, state)
 
-    def at_end(self, loop):
-        self.profiler.close(loop.state, loop.step)  # a run shorter than profile_steps
+    def at_end(self, step, state):
+        self.profiler.close(state, step)  # a run shorter than profile_steps
 
 
 class Checkpoints(Hook):
     """Saves after each eval (always_save_checkpoint: every one, else improvements and the
-    final one), and the lecture's last step, which comes after its last eval."""
+    final one), on a stop, and the lecture's last step, which comes after its last eval."""
 
-    def __init__(self, ckpt: checkpoint.RunCheckpoints):
-        self.ckpt = ckpt
+    def __init__(self, ckpt: checkpoint.RunCheckpoints, schedule):
+        self.ckpt, self.schedule = ckpt, schedule  # schedule: training.Schedule
 
-    def after_eval(self, loop, losses, extra):
-        self.ckpt.after_eval(loop.state, losses, final=loop.step == loop.schedule.last_eval)
+    def after_eval(self, step, state, losses, measures):
+        self.ckpt.after_eval(state, losses, final=step == self.schedule.last_eval)
 
-    def at_end(self, loop):
-        if loop.schedule.saves_last_step(loop.step):
-            self.ckpt.save_now(loop.state)  # no val loss: the latest, never the "best"
+    def on_stop(self, step, state):
+        return self.ckpt.save_now(state)  # written completely before the run exits
+
+    def at_end(self, step, state):
+        if self.schedule.saves_last_step(step):
+            self.ckpt.save_now(state)  # no val loss: the latest, never the "best"

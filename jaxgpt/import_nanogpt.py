@@ -23,7 +23,8 @@ from jaxgpt import config as config_lib
 from jaxgpt import tokenizer as tokenizers
 from jaxgpt.convert import from_nanogpt
 from jaxgpt.errors import UserError
-from jaxgpt.model import WEIGHT_KEYS, make_model
+from jaxgpt.gpt_config import WEIGHT_KEYS
+from jaxgpt.model import make_model
 from jaxgpt.step import create_train_state
 from jaxgpt.workdir import as_path
 

@@ -11,18 +11,23 @@ the event records synchronously; its file layer has a hook per URL scheme
 (`register_writer_factory`), through which `gs://`, `s3://` and `az://` files go to epath. The
 `tensorboard` package's own writer is marked experimental and, through fsspec, appends with
 mode "a", which gcsfs turns into an overwrite.
+
+A line cut short (a disk that filled, a machine that vanished mid-write) is never continued: a
+resumed run starts a new line first, and `read` skips any line that is not a JSON object, saying
+once how many it skipped.
 """
 
 import itertools
 import json
 import os
 import secrets
+import sys
 import time
 
 from etils import epath
 
 from jaxgpt.errors import UserError
-from jaxgpt.workdir import is_remote
+from jaxgpt.workdir import as_path, is_remote
 
 REMOTE_FLUSH_SECS = 30.0  # at most one re-upload of a growing remote file per this many seconds
 METRICS_FILE = "metrics.jsonl"
@@ -47,6 +52,18 @@ class AppendFile:
 
     def write(self, data: bytes) -> None:
         self.pending += data
+
+    def ends_mid_line(self) -> bool:
+        """Whether what the file holds does not end with a newline (a line cut short)."""
+        if self.remote:
+            return bool(self.content) and not self.content.endswith(b"\n")
+        if not self.path.exists():
+            return False
+        with self.path.open("rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
 
     def flush(self, force: bool = True) -> None:
         if not self.pending:
@@ -130,6 +147,10 @@ class Metrics:
         workdir = epath.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         self.jsonl = AppendFile(workdir / METRICS_FILE)
+        if self.jsonl.ends_mid_line():  # an earlier run stopped mid-write: never continue its line
+            print(f"warning: the last line of {self.jsonl.path} was cut short (an earlier run "
+                  "stopped mid-write); this run's lines start on a new line", file=sys.stderr)
+            self.jsonl.write(b"\n")
         self.events = _tensorboard(workdir)
         self.wandb = _wandb(workdir, config) if config.get("wandb_log", False) else None
 
@@ -160,3 +181,27 @@ class Metrics:
             self.events.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def read(workdir) -> list[dict]:
+    """Every record of WORKDIR/metrics.jsonl, in the order written. A line that is not a JSON
+    object (cut short by a write that never finished) is skipped, and how many were is said
+    once on stderr; blank lines are ignored. FileNotFoundError if there is no such file."""
+    path = as_path(workdir) / METRICS_FILE
+    records, cut = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            cut += 1
+    if cut:
+        print(f"warning: skipped {cut} line{'s' if cut > 1 else ''} of {path} that "
+              f"{'are' if cut > 1 else 'is'} not JSON (cut short by a write that never "
+              "finished)", file=sys.stderr)
+    return records

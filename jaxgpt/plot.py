@@ -17,13 +17,16 @@ A workdir or `--out` may be a cloud URL (gs://bucket/run). Needs matplotlib
 (`pip install -e ".[plot]"`).
 """
 
+import dataclasses
 import io
-import json
 
+import jax
+import jax.numpy as jnp
 from absl import flags, logging
 from etils import epath
 
 from jaxgpt import cli, pretrained
+from jaxgpt import metrics as metrics_lib
 from jaxgpt import model as model_lib
 from jaxgpt.errors import UserError
 from jaxgpt.workdir import as_path
@@ -46,18 +49,12 @@ def read_metrics(workdir) -> dict:
     eval: step, train_loss, val_loss, lr (every eval_interval); train: step, loss, lr (every
     log_interval). A resumed run repeats no step, so the lists are in step order as written.
     """
-    path = as_path(workdir) / "metrics.jsonl"
+    path = as_path(workdir) / metrics_lib.METRICS_FILE
     if not path.is_file():
         raise UserError(f"{path}: no such file; pass the --workdir of a train.py run")
     fields = {"eval": ("step", "train_loss", "val_loss", "lr"), "train": ("step", "loss", "lr")}
     out = {kind: {f: [] for f in names} for kind, names in fields.items()}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{n} is not JSON; is it a metrics.jsonl of train.py?") from None
+    for event in metrics_lib.read(workdir):  # a line cut short is skipped, with a warning
         kind = event.get("event")
         if kind in out:
             for f in fields[kind]:
@@ -143,9 +140,32 @@ def token_labels(tokenizer, ids) -> list[str]:
             for t in texts]
 
 
+def attention_maps(model, params, idx) -> jax.Array:
+    """The softmax weights of every head of `model` (a GPT) on idx (T,) or (1, T) token ids:
+    (n_layer, n_head, T, T) float32, row t the weights query t puts on keys 0..t.
+
+    The attention modules `sow` their weights into the "intermediates" collection, stored only
+    when asked for (`mutable=["intermediates"]`), so training and sampling keep none. The fused
+    kernels (attention_impl "xla", "cudnn") compute no weights: the model is applied with the
+    explicit softmax instead, the same function. A `heads` model's heads are stacked in order.
+    """
+    if not isinstance(model, model_lib.GPT):
+        raise UserError("attention maps need a GPT: the bigram model has no attention")
+    idx = jnp.asarray(idx).reshape(1, -1)  # (1, T)
+    model = model_lib.GPT(dataclasses.replace(model.config, attention_impl="softmax"))
+    _, state = model.apply({"params": params}, idx, mutable=["intermediates"])
+    layers = [state["intermediates"][f"h_{i}"]["attn"] for i in range(model.config.n_layer)]
+    if model.config.attention == "heads":  # one (1, T, T) per head
+        maps = [jnp.stack([l[f"heads_{h}"]["attention"][0][0] for h in range(model.config.n_head)])
+                for l in layers]  # n_layer x (nh, T, T)
+    else:  # one (1, nh, T, T) per layer
+        maps = [l["attention"][0][0] for l in layers]  # n_layer x (nh, T, T)
+    return jnp.stack(maps).astype(jnp.float32)  # (n_layer, nh, T, T)
+
+
 def attention(workdir, text: str, layer: int | None = None):
     """(maps, labels, layers) drawn for `text` on the best checkpoint of `workdir`: maps
-    (len(layers), n_head, T, T) numpy float32 from `model.attention_maps`, T the text's tokens
+    (len(layers), n_head, T, T) numpy float32 from `attention_maps`, T the text's tokens
     (its last block_size), labels one string a token, layers the layer indices shown."""
     import numpy as np
 
@@ -156,7 +176,7 @@ def attention(workdir, text: str, layer: int | None = None):
     n_layer = run.model.config.n_layer
     if layer is not None and not 0 <= layer < n_layer:
         raise UserError(f"--layer={layer}: the model has layers 0..{n_layer - 1}")
-    maps = np.asarray(model_lib.attention_maps(run.model, run.params, np.asarray(ids)))
+    maps = np.asarray(attention_maps(run.model, run.params, np.asarray(ids)))
     layers = list(range(n_layer)) if layer is None else [layer]
     return maps[layers], token_labels(run.tokenizer, ids), layers  # (L, nh, T, T)
 

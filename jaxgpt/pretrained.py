@@ -26,7 +26,8 @@ from jaxgpt import config as config_lib
 from jaxgpt import tokenizer as tokenizers
 from jaxgpt.convert import from_hf_gpt2
 from jaxgpt.errors import UserError
-from jaxgpt.model import WEIGHT_KEYS, GPTConfig, make_model
+from jaxgpt.gpt_config import WEIGHT_KEYS, GPTConfig
+from jaxgpt.model import make_model
 from jaxgpt.workdir import as_path, is_remote
 
 GPT2_MODELS = {  # name -> (n_layer, n_head, n_embd), as nanoGPT's from_pretrained

@@ -7,7 +7,7 @@ import math
 import jax
 
 from jaxgpt import flops
-from jaxgpt.model import resolve_dtype
+from jaxgpt.dtype import resolve_dtype
 
 CPU_WARN_SECONDS = 30 * 60
 CPU_RECIPE = "configs/shakespeare_cpu.py"

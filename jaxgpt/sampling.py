@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgpt.convert import fused
 from jaxgpt.errors import UserError
-from jaxgpt.model import fused, init_cache
+from jaxgpt.model import GPT
 
 CHUNK = 64  # decode steps per compiled call: streaming granularity; idle steps are cheap
 
@@ -83,12 +84,32 @@ def sample_token(logits, key, settings):
     return jnp.where(temperature == 0, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
 
 
+def init_cache(model, batch_size: int):
+    """The KV cache `decode` passes through the model as a value: one (k, v) pair per layer,
+    each (B, n_head, block_size, head_size) in the compute dtype; () for the bigram model,
+    which looks at one token only."""
+    if not isinstance(model, GPT):
+        return ()
+    cfg = model.config
+    shape = (batch_size, cfg.n_head, cfg.block_size, cfg.head_size)
+    return tuple((jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+                 for _ in range(cfg.n_layer))
+
+
+def decode(model, params, idx, cache, pos):
+    """idx (B, T) at positions pos.. -> (logits (B, T, V), cache): GPT.decode writes their keys
+    and values into the cache; the bigram reads each token alone and has none."""
+    if not isinstance(model, GPT):
+        return model.apply({"params": params}, idx), cache
+    return model.apply({"params": params}, idx, cache, pos, method=GPT.decode)
+
+
 def prefill(model, params, window, n):
     """Run the (B, block_size) window (n real tokens, then padding) through the model with a
     fresh cache. Returns the logits after the n-th token (B, V) and the filled cache; padding
     positions see only earlier tokens (causal) and their cache slots are overwritten later."""
     cache = init_cache(model, window.shape[0])
-    logits, cache = model.apply({"params": params}, window, cache=cache, pos=0)  # (B, bs, V)
+    logits, cache = decode(model, params, window, cache, 0)  # (B, bs, V)
     return jax.lax.dynamic_index_in_dim(logits, n - 1, axis=1, keepdims=False), cache  # (B, V)
 
 
@@ -119,7 +140,7 @@ def decode_chunk(model, params, carry, steps_left, offset, rng, settings, slide,
 
     def append(cache, window, n, tok):  # the cache's case: one token through the model
         window = jax.lax.dynamic_update_slice(window, tok[:, None], (0, n % block_size))  # ring
-        logits, cache = model.apply({"params": params}, tok[:, None], cache=cache, pos=n)
+        logits, cache = decode(model, params, tok[:, None], cache, n)
         return cache, window, n + 1, logits[:, -1]  # (B, V)
 
     def shift(cache, window, n, tok):  # slide=1: nanoGPT's idx[:, -block_size:], recomputed

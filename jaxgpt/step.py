@@ -19,7 +19,7 @@ import optax
 from flax.training import train_state
 
 from jaxgpt import optim, parallel
-from jaxgpt.model import resolve_dtype
+from jaxgpt.dtype import resolve_dtype
 
 # torch.cuda.amp.GradScaler's defaults: init_scale, growth_interval
 INITIAL_LOSS_SCALE = 2.0**15

@@ -1,12 +1,12 @@
-"""The training loop: set up a run, then step, evaluate and save on a schedule.
+"""The training loop: start a run, then step, evaluate, save and stop on a schedule.
 
-    train(config, workdir)  # what train.py calls
+    train(config, workdir)  # what train.py calls: the start-up, read top to bottom
     setup(config)           # data, model, mesh, state, the compiled calls (bench.py, tests)
 
-Three parts, each testable on its own: `Schedule` (when to evaluate, how many steps each
-compiled call runs: arithmetic on step numbers), `Loop` (the mutable state of one run: the
-train state, the step, the call in flight) and the hooks (hooks.py: metrics, progress bar,
-checkpoints, ...: the per-call work the loop hands off). The compiled side is step.py.
+`Loop.run` is one iteration at a time, as nanoGPT's loop: evaluate when due, dispatch the next
+compiled call and read back the one before it (so the host never waits for the device), stop on
+a signal. `Schedule` says when to evaluate (arithmetic on step numbers); the hooks (hooks.py:
+metrics, progress bar, checkpoints, ...) do the per-call work; the compiled side is step.py.
 """
 
 import contextlib
@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 import jax
 from tqdm import tqdm
 
-from jaxgpt import batches as batches_lib
 from jaxgpt import (
+    addition,
     checkpoint,
     compile_cache,
     datasets,
@@ -32,13 +32,15 @@ from jaxgpt import (
     progress,
     step,
 )
+from jaxgpt import batches as batches_lib
 from jaxgpt import config as config_lib
 from jaxgpt import data as data_lib
 from jaxgpt import hooks as hooks_lib
 from jaxgpt import metrics as metrics_lib
 from jaxgpt import workdir as workdir_lib
+from jaxgpt.dtype import auto_dtype, resolve_dtype
 from jaxgpt.errors import UserError
-from jaxgpt.model import auto_dtype, count_params, make_model, resolve_dtype
+from jaxgpt.model import count_params, make_model
 
 # ---------------------------------------------------------------------------------------------
 # Setup: everything the loop needs before its first step
@@ -57,19 +59,29 @@ class Setup(NamedTuple):
 
 
 def setup(config, *, dataset=None, mesh=None) -> Setup:
-    """Validate the config, load the data, build the model, mesh, state and the compiled calls."""
-    config_lib.validate(config)
+    """Load the data, build the model, mesh, state and the compiled calls, for a config that
+    config.validate accepted."""
     dataset = dataset or datasets.load(config)
     model = make_model(config, dataset.tokenizer.vocab_size)
     mesh = mesh or parallel.make_mesh(config)
     parallel.check_batch(config, mesh)
-    dataset = hellaswag.with_hellaswag(dataset, config, model, mesh)  # scored at every eval
     state = step.create_train_state(config, model, mesh)
     source = batches_lib.make(dataset, config, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     return Setup(dataset, model, mesh, state, source,
                  step.jit_train_steps(shardings, source.train_batch),
                  step.jit_eval_loss(state.apply_fn, source.eval_batch))
+
+
+def eval_measures(config, s: Setup) -> list[Callable]:
+    """A task's own measures, scored after the losses at every eval: (params) -> {name: value}.
+    Built (files read, examples rendered) once per run, before the first step."""
+    measures = []
+    if config.dataset == "addition":  # exact-match accuracy on the held-out problems
+        measures.append(addition.Accuracy(s.model, s.dataset.val, config.addition))
+    if config.hellaswag_path:  # HellaSwag's acc and acc_norm
+        measures.append(hellaswag.during_training(config, s.model, s.dataset.tokenizer, s.mesh))
+    return measures
 
 
 def estimate_loss(s: Setup, params, key, on_call=None) -> dict | None:
@@ -98,6 +110,19 @@ def estimate_loss(s: Setup, params, key, on_call=None) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------
 # The schedule: pure arithmetic on step numbers
+
+
+class Evaluate(NamedTuple):
+    """Evaluate the state at `step` (before any later step runs)."""
+
+    step: int
+
+
+class Steps(NamedTuple):
+    """Run steps `step` .. `step + n - 1` in one compiled call."""
+
+    step: int
+    n: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,14 +163,14 @@ class Schedule:
         return min(self.steps_per_call, next_eval - step, self.max_iters - step)
 
     def events(self, step: int):
-        """From `step` on: ("eval", s) and ("train", s, n) in the order the loop runs them."""
+        """From `step` on: Evaluate and Steps events, in the order the loop runs them."""
         while True:
             if self.eval_due(step):
-                yield ("eval", step)
+                yield Evaluate(step)
             if step >= self.max_iters:
                 return
             n = self.call_steps(step)
-            yield ("train", step, n)
+            yield Steps(step, n)
             step += n
 
     def saves_last_step(self, step: int) -> bool:
@@ -157,141 +182,108 @@ class Schedule:
 # The loop
 
 
+class InFlight(NamedTuple):
+    """A dispatched call whose metrics are still on the device."""
+
+    index: int  # 0: the run's first call (the one that compiled)
+    step: int  # its first step
+    metrics: dict  # {"loss", "grad_norm", "lr"}: (n,) device arrays
+    dispatched: float  # perf_counter when the host had dispatched it
+
+
 class Loop:
-    """One run: the train state, the step it is at and the call in flight, stepped through the
-    schedule's events; everything else is a hook's."""
+    """One run's loop over the schedule's events; what it reports goes to the hooks."""
 
-    def __init__(self, s: Setup, state, schedule: Schedule, hooks: list[hooks_lib.Hook], *,
-                 eval_key, mfu: progress.MFU, signals: preemption.Preemption,
-                 progress_bar: hooks_lib.ProgressBar, ckpt: checkpoint.RunCheckpoints | None,
-                 say):
-        self.s, self.state, self.step = s, state, int(state.step)
-        self.schedule, self.hooks, self.eval_key, self.mfu = schedule, hooks, eval_key, mfu
-        self.signals, self.progress_bar, self.ckpt, self.say = signals, progress_bar, ckpt, say
+    def __init__(self, s: Setup, schedule: Schedule, hooks: list[hooks_lib.Hook], *,
+                 eval_key, measures: list[Callable], mfu: progress.MFU,
+                 signals: preemption.Preemption, say):
+        self.s, self.schedule, self.hooks, self.eval_key = s, schedule, hooks, eval_key
+        self.measures, self.mfu, self.signals, self.say = measures, mfu, signals, say
         self.calls = 0  # compiled train calls dispatched
-        self.collected = 0  # and read back
-        self.pending = None  # (first step, metrics on the device) of the call in flight
-        self.clock = time.perf_counter()  # when the previous call finished
+        self.last_read = 0.0  # perf_counter when the previous call's metrics reached the host
 
-    def _each(self, moment: str, *args) -> None:
-        for hook in self.hooks:
-            getattr(hook, moment)(self, *args)
+    def run(self, state: step.TrainState) -> step.TrainState:
+        """Train from state.step to the schedule's end; returns the state. On SIGTERM or Ctrl-C:
+        saves this step and raises preemption.Preempted."""
+        in_flight = None
+        for event in self.schedule.events(int(state.step)):
+            match event:
+                case Evaluate(step):
+                    # evaluate (the call in flight is read back first: logs stay in step order)
+                    self.read_back(in_flight)
+                    in_flight = None
+                    if self.evaluate(step, state) is None:  # a stop came mid-eval
+                        self.stop(step, state)
+                case Steps(step, n):
+                    # termination: every process agrees on this step (preemption.Preemption)
+                    if self.signals.requested():
+                        self.read_back(in_flight)
+                        self.stop(step, state)
+                    # forward, backward, update: n steps in one compiled call, dispatched...
+                    self.each("before_call", self.calls, step, state)
+                    state, metrics = self.train_call(state, step, n)
+                    dispatched = time.perf_counter()
+                    # ...then the previous call read back, while this one runs
+                    self.read_back(in_flight)
+                    in_flight = InFlight(self.calls, step, metrics, dispatched)
+                    self.calls += 1
+        self.read_back(in_flight)
+        self.each("at_end", int(state.step), state)
+        return state
 
-    def run(self):
-        """Train to max_iters; returns the state. Preempted after a save if a stop is asked."""
-        for event in self.schedule.events(self.step):
-            if event[0] == "eval":
-                self.collect()  # before evaluating, so logs stay in step order
-                if not self.evaluate():
-                    self.stop()
-                self.clock = time.perf_counter()  # the eval is not the next call's run time
-            elif self.signals.requested():  # all processes agree on this step
-                self.stop()
-            else:
-                self.dispatch(event[2])
-        self.collect()
-        self._each("at_end")
-        return self.state
+    def each(self, moment: str, *args):
+        """Every hook's `moment`, in list order; their results."""
+        return [getattr(hook, moment)(*args) for hook in self.hooks]
 
-    def dispatch(self, n: int) -> None:
-        """Start the call that runs the next n steps, then read back the one before it."""
-        self._each("before_call", n)
+    def train_call(self, state, step: int, n: int):
+        """Dispatch steps step..step+n-1; the first call compiles first (or loads the cache)."""
         start = time.perf_counter()
-        with compile_cache.hits() as hits:  # the first call compiles, or loads from the cache
-            self.state, metrics = self.s.train_call(
-                self.state, self.s.batches.train_data(self.step, n), num_steps=n)
-        if self.calls == 0:  # jit compiled it before dispatching: time the runs without it
+        with compile_cache.hits() as hits:
+            out = self.s.train_call(state, self.s.batches.train_data(step, n), num_steps=n)
+        if self.calls == 0:
             seconds = time.perf_counter() - start
             self.say(f"loaded the compiled training step from the compilation cache in "
                      f"{seconds:.1f} s" if hits() else
                      f"compiled the training step in {seconds:.1f} s")
-            self.clock = time.perf_counter()
-        self.collect()  # waits for the previous call only
-        self.pending = (self.step, metrics)
-        self.step += n
-        self.calls += 1
+        return out
 
-    def collect(self) -> None:
-        """The call in flight's metrics to the host, handed to the hooks."""
-        if self.pending is None:
+    def read_back(self, call: InFlight | None) -> None:
+        """A call's metrics to the host (waiting for it), handed to the hooks."""
+        if call is None:
             return
-        first_step, metrics = self.pending
-        self.pending = None
-        host = jax.device_get(metrics)  # waits for that call
-        now = time.perf_counter()
-        seconds, self.clock = now - self.clock, now
-        call = hooks_lib.Call(self.collected, first_step, host, seconds,
-                    self.mfu(seconds / len(host["loss"])))
-        self.collected += 1
-        self._each("after_call", call)
+        host = jax.device_get(call.metrics)  # waits for that call
+        done = time.perf_counter()
+        # its run time: from when the device could start it (dispatched, and the call before
+        # it done) to now; so neither compilation nor an eval counts
+        seconds = done - max(call.dispatched, self.last_read)
+        self.last_read = done
+        self.each("after_call", hooks_lib.Call(call.index, call.step, host, seconds,
+                                               self.mfu(seconds / len(host["loss"]))))
 
-    def evaluate(self) -> dict | None:
+    def evaluate(self, step: int, state) -> dict | None:
         """The losses at this step (hooks log and save them), or None if a stop came first."""
         def on_call(done, total, seconds):
-            self._each("eval_progress", done, total, seconds)
+            self.each("eval_progress", step, done, total, seconds)
             return self.signals.requested()  # stop without finishing the eval
 
-        key = jax.random.fold_in(self.eval_key, self.step)
-        losses = estimate_loss(self.s, self.state.params, key, on_call)
+        key = jax.random.fold_in(self.eval_key, step)
+        losses = estimate_loss(self.s, state.params, key, on_call)
         if losses is None:
             return None
-        # a task's own measures (addition: exact-match accuracy on held-out problems;
-        # hellaswag_path: HellaSwag's acc and acc_norm)
-        evaluate = self.s.dataset.evaluate
-        extra = evaluate(self.s.model, self.state.params) if evaluate else {}
-        self._each("after_eval", losses, extra)
+        measures = {}
+        for measure in self.measures:
+            measures |= measure(state.params)
+        self.each("after_eval", step, state, losses, measures)
         return losses
 
-    def stop(self):
-        """Preempted: log the call in flight, save this step, wait for the write, raise."""
-        self.collect()
-        self.progress_bar.status("saving a checkpoint")
-        saved = self.ckpt.save_now(self.state) if self.ckpt else False
-        raise preemption.Preempted(self.step, self.signals.signum, saved)
+    def stop(self, step: int, state):
+        """Preempted: the hooks save this step (and wait for the write), then raise."""
+        saved = any(self.each("on_stop", step, state))
+        raise preemption.Preempted(step, self.signals.signum, saved)
 
 
 # ---------------------------------------------------------------------------------------------
-# train(): where the run starts, what it opens, the loop
-
-
-def starting_point(config, workdir, stack: contextlib.ExitStack):
-    """(config, Setup, state, resumed step or None, checkpoints or None) of a run about to
-    train or evaluate: its own checkpoint if it has one (init_from auto / resume), else the
-    weights init_from names, else a fresh init. `config` has the model keys the weights fix.
-    eval_only reads checkpoints but never writes one. What it opens, `stack` closes."""
-    weights = None
-    if pretrained.is_weights(config.init_from):
-        weights = pretrained.load(config.init_from, config)
-        config = weights.config  # the weights fix the model's shape
-    dataset = datasets.load(config, weights.tokenizer) if weights else None
-    s = setup(config, dataset=dataset)
-    stack.callback(s.batches.close)  # the host prefetch thread, if any
-    state = step.with_params(s.state, weights.params) if weights else s.state
-    if config.eval_only:
-        has_checkpoint = (workdir / checkpoint.CHECKPOINT_DIR).is_dir()
-        if config.init_from == "resume" or (config.init_from == "auto" and has_checkpoint):
-            state, at = checkpoint.restore(workdir, checkpoint.abstract_like(state))
-            return config, s, state, at, None
-        return config, s, state, None, None
-    ckpt = checkpoint.RunCheckpoints(config, workdir)
-    stack.callback(ckpt.close)  # waits for the async checkpoint writes
-    state, resumed = ckpt.start(state, s.dataset.tokenizer)  # a finetune resumes its own run
-    return config, s, state, resumed, ckpt
-
-
-def _announce(config, s: Setup, state, resumed, workdir, say) -> None:
-    if resumed is not None:
-        say(f"resuming from the checkpoint of step {resumed} in {workdir}")
-    elif pretrained.is_weights(config.init_from):
-        say(f"starting from the weights of {config.init_from} (step 0, a fresh optimizer)")
-    devices = (f"(devices: {s.mesh.devices.size} {jax.devices()[0].platform}, "
-               f"mesh {dict(s.mesh.shape)})")
-    if config.param_count == "all":  # gpt.py: print(sum(p.numel() ...)/1e6, 'M parameters')
-        say(f"{count_params(state.params, non_embedding=False) / 1e6} M parameters {devices}")
-    else:
-        say(f"number of parameters: {count_params(state.params) / 1e6:.2f}M {devices}")
-    why = f" (auto: {auto_dtype()[1]})" if config.dtype == "auto" else ""
-    say(f"compute dtype: {resolve_dtype(config.dtype)}{why}")
+# train(): the start-up, one step after the other
 
 
 def train(config, workdir) -> step.TrainState:
@@ -306,7 +298,8 @@ def train(config, workdir) -> step.TrainState:
     (lock.py) from before the first write to the end. A failed write ends the run with one
     line (UserError) naming the newest good checkpoint.
     """
-    config_lib.validate(config)  # before any file is touched or anything compiles
+    # checks: before any file is touched or anything compiles
+    config_lib.validate(config)
     profiling.check(config)
     metrics_lib.check_wandb(config)
     preemption.check_multiprocess()
@@ -316,8 +309,45 @@ def train(config, workdir) -> step.TrainState:
     try:
         with contextlib.ExitStack() as stack:  # everything opened below, closed on every exit
             lock.hold(workdir, config.take_over_lock, stack)  # before anything is written
-            config, s, state, resumed, ckpt = starting_point(config, workdir, stack)
-            return _run(config, workdir, s, state, resumed, ckpt, stack)
+            # the weights to start from (init_from=gpt2, a path) fix the model and vocabulary
+            weights = None
+            if pretrained.is_weights(config.init_from):
+                weights = pretrained.load(config.init_from, config)
+                config = weights.config
+            # data, model, mesh, a fresh state, the compiled calls
+            s = setup(config, dataset=datasets.load(config, weights.tokenizer) if weights
+                      else None)
+            stack.callback(s.batches.close)  # the host prefetch thread, if any
+            measures = eval_measures(config, s)  # a bad HellaSwag file fails here, not later
+            state = step.with_params(s.state, weights.params) if weights else s.state
+            # this workdir's checkpoint: resume from it (eval_only reads it, writes none)
+            if config.eval_only:
+                state, resumed = checkpoint.restore_for_eval(config, workdir, state)
+            else:
+                ckpt = checkpoint.RunCheckpoints(config, workdir)
+                stack.callback(ckpt.close)  # waits for the async checkpoint writes
+                state, resumed = ckpt.start(state, s.dataset.tokenizer)
+            # where the run reports: the terminal, metrics files, the progress bar
+            main = parallel.is_main_process()
+            say = tqdm.write if main else (lambda *a, **k: None)
+            announce(config, s, state, resumed, workdir, say)
+            writer = stack.enter_context(contextlib.closing(
+                metrics_lib.Metrics(workdir, config, enabled=main)))
+            bar = stack.enter_context(tqdm(total=config.max_iters, initial=int(state.step),
+                                           disable=not main, dynamic_ncols=True))
+            signals = stack.enter_context(preemption.Preemption())  # handlers while training
+            # the loop; eval_only: one eval at the loaded step (nanoGPT's), then exit
+            schedule = (Schedule(int(state.step), config.eval_interval) if config.eval_only
+                        else Schedule.from_config(config, ckpt.evaluated))
+            hooks = hooks_lib.make(config, workdir, writer, bar, ckpt, schedule, say,
+                                   enabled=main)
+            loop = Loop(s, schedule, hooks,
+                        eval_key=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
+                        measures=measures,
+                        mfu=progress.MFU(config, count_params(state.params, non_embedding=False),
+                                         s.mesh.devices.size),
+                        signals=signals, say=say)
+            return loop.run(state)
     except OSError as e:  # metrics, events, run info (a checkpoint's is WriteFailed)
         if not _write_failed(e, workdir):
             raise
@@ -328,6 +358,22 @@ def train(config, workdir) -> step.TrainState:
         if "RESOURCE_EXHAUSTED" in str(e):
             raise UserError(out_of_memory(config)) from None
         raise
+
+
+def announce(config, s: Setup, state, resumed, workdir, say) -> None:
+    """Where the run starts, its size, devices and compute dtype."""
+    if resumed is not None:
+        say(f"resuming from the checkpoint of step {resumed} in {workdir}")
+    elif pretrained.is_weights(config.init_from):
+        say(f"starting from the weights of {config.init_from} (step 0, a fresh optimizer)")
+    devices = (f"(devices: {s.mesh.devices.size} {jax.devices()[0].platform}, "
+               f"mesh {dict(s.mesh.shape)})")
+    if config.param_count == "all":  # gpt.py: print(sum(p.numel() ...)/1e6, 'M parameters')
+        say(f"{count_params(state.params, non_embedding=False) / 1e6} M parameters {devices}")
+    else:
+        say(f"number of parameters: {count_params(state.params) / 1e6:.2f}M {devices}")
+    why = f" (auto: {auto_dtype()[1]})" if config.dtype == "auto" else ""
+    say(f"compute dtype: {resolve_dtype(config.dtype)}{why}")
 
 
 def out_of_memory(config) -> str:
@@ -349,33 +395,3 @@ def _write_failed(e: OSError, workdir) -> bool:
     if workdir_lib.is_remote(workdir):
         return not isinstance(e, FileNotFoundError)
     return e.errno in checkpoint.WRITE_ERRNOS
-
-
-def _run(config, workdir, s: Setup, state, resumed, ckpt, stack: contextlib.ExitStack):
-    """The loop of train(), its hooks and what they open (closed by `stack`)."""
-    main = parallel.is_main_process()
-    say = tqdm.write if main else (lambda *a, **k: None)
-    _announce(config, s, state, resumed, workdir, say)
-    writer = stack.enter_context(contextlib.closing(
-        metrics_lib.Metrics(workdir, config, enabled=main)))
-    bar = stack.enter_context(tqdm(total=config.max_iters, initial=int(state.step),
-                                   disable=not main, dynamic_ncols=True))
-    signals = stack.enter_context(preemption.Preemption())  # handlers while training
-    progress_bar = hooks_lib.ProgressBar(bar)
-    hooks = [hooks_lib.FiniteCheck(), hooks_lib.MetricsLog(writer, config, say), progress_bar,
-             hooks_lib.CPUTimeWarning(config, say)]
-    if not config.eval_only:
-        hooks += [hooks_lib.Profile(profiling.Profiler(config, workdir, enabled=main, say=say)),
-                  hooks_lib.Checkpoints(ckpt)]
-    # a resumed step with a val loss was evaluated and saved already
-    evaluated = resumed if ckpt and resumed in checkpoint.val_losses(ckpt.manager) else None
-    loop = Loop(s, state, Schedule.from_config(config, evaluated), hooks,
-                eval_key=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
-                mfu=progress.MFU(config, count_params(state.params, non_embedding=False),
-                                 s.mesh.devices.size),
-                signals=signals, progress_bar=progress_bar, ckpt=ckpt, say=say)
-    if config.eval_only:  # nanoGPT's eval_only: the first eval, then exit
-        if not loop.evaluate():
-            loop.stop()
-        return loop.state
-    return loop.run()

@@ -18,7 +18,10 @@ if _OWN_CACHE:
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from jaxgpt import datasets, parallel  # noqa: E402
+from jaxgpt import step as step_lib  # noqa: E402
 from jaxgpt.config import base_config  # noqa: E402
+from jaxgpt.model import make_model  # noqa: E402
 
 
 def pytest_sessionfinish(session):
@@ -64,6 +67,14 @@ def tiny(data_path="", **overrides):
 @pytest.fixture
 def tiny_config(text_file):
     return tiny(text_file)
+
+
+def fresh_state(config):
+    """(dataset, model, mesh, a fresh TrainState) of a config, as a run starts."""
+    dataset = datasets.load(config)
+    model = make_model(config, dataset.tokenizer.vocab_size)
+    mesh = parallel.make_mesh(config)
+    return dataset, model, mesh, step_lib.create_train_state(config, model, mesh)
 
 
 def byte_encoding():

@@ -1,4 +1,4 @@
-"""model.attention_maps: the softmax weights every head puts on the past, against an independent
+"""plot.attention_maps: the softmax weights every head puts on the past, against an independent
 numpy forward pass (LayerNorm, q k^T / sqrt(hs), causal mask, softmax, residuals, ReLU MLP) over
 the params; asking for them changes no logits, and sampling and remat are unaffected."""
 
@@ -11,7 +11,8 @@ import pytest
 
 from jaxgpt import sampling
 from jaxgpt.errors import UserError
-from jaxgpt.model import GPT, BigramLanguageModel, GPTConfig, attention_maps
+from jaxgpt.model import GPT, BigramLanguageModel, GPTConfig
+from jaxgpt.plot import attention_maps
 
 CFG = GPTConfig(block_size=12, vocab_size=23, n_layer=2, n_head=3, n_embd=24, bias=True,
                 activation="relu", dtype="float32")
@@ -83,7 +84,7 @@ def test_maps_are_the_softmax_of_scaled_masked_affinities(changes):
 
 
 def test_heads_and_fused_give_the_same_maps():
-    from jaxgpt.model import fused
+    from jaxgpt.convert import fused
 
     model, params, idx = model_and_params(attention="heads")
     fused_model, fused_params = fused(model, params)

@@ -61,25 +61,3 @@ def test_cli_writes_json(tmp_path, text_file):
     assert "ms / step" in proc.stdout
     written = json.loads(out.read_text())
     assert written["train"]["params"] > 0 and written["sampling"] is None  # timed above
-
-
-def test_heldout_loss_is_the_mean_over_every_window():
-    """bench.heldout_loss = a numpy cross-entropy averaged over each non-overlapping window."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from jaxgpt.model import GPT, GPTConfig
-    from jaxgpt.step import heldout_loss
-
-    model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=8))
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    tokens = np.random.default_rng(0).integers(0, 11, 8 * 5 + 3)  # 5 windows, a ragged tail
-    losses = []
-    for w in range(5):
-        x, y = tokens[8 * w:8 * w + 8], tokens[8 * w + 1:8 * w + 9]
-        logits = np.asarray(model.apply({"params": params}, x[None]))[0].astype(np.float64)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        losses.append(-logp[np.arange(8), y].mean())
-    np.testing.assert_allclose(heldout_loss(model, params, tokens, 8, batch_size=2),
-                               np.mean(losses), rtol=1e-5)

@@ -1,11 +1,16 @@
 """jaxgpt's import graph, read from the source with `ast`: no cycle, and no jaxgpt module
-imported inside a function (where a cycle would hide). Optional third-party packages (torch,
-wandb, matplotlib, huggingface_hub, ...) may still be imported lazily."""
+imported inside a function (where a cycle would hide), in the package and in the command lines
+(train.py, sample.py). Optional third-party packages (torch, wandb, matplotlib,
+huggingface_hub, ...) may still be imported lazily."""
 
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "jaxgpt"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "jaxgpt"
+SCRIPTS = ("train.py", "sample.py")
 
 
 def jaxgpt_imports(node) -> set[str]:
@@ -21,19 +26,21 @@ def jaxgpt_imports(node) -> set[str]:
     return {n.split(".")[1] for n in names if n.startswith("jaxgpt.")}
 
 
+def module_imports(path) -> tuple[set[str], set[str]]:
+    """(jaxgpt modules a file imports at the top level, those it imports inside a def/class)."""
+    tree = ast.parse(Path(path).read_text(), str(path))
+    top, nested = set(), set()
+    for stmt in tree.body:
+        for node in ast.walk(stmt):
+            names = jaxgpt_imports(node)
+            inside = isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            (nested if inside else top).update(names)
+    return top, nested
+
+
 def graph():
     """{module: (modules imported at the top level, modules imported inside a def/class)}."""
-    out = {}
-    for path in sorted(PACKAGE.glob("*.py")):
-        tree = ast.parse(path.read_text(), str(path))
-        top, nested = set(), set()
-        for stmt in tree.body:
-            for node in ast.walk(stmt):
-                names = jaxgpt_imports(node)
-                inside = isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                (nested if inside else top).update(names)
-        out[path.stem] = (top, nested)
-    return out
+    return {path.stem: module_imports(path) for path in sorted(PACKAGE.glob("*.py"))}
 
 
 def find_cycle(edges: dict) -> list[str] | None:
@@ -71,6 +78,13 @@ def test_no_function_level_import_of_a_jaxgpt_module():
     assert not nested, f"import these at the top of the module instead: {nested}"
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_command_lines_import_jaxgpt_at_the_top(script):
+    top, nested = module_imports(ROOT / script)
+    assert {"cli"} <= top <= set(graph()), top  # jaxgpt modules that exist, the CLI's among them
+    assert not nested, f"{script}: import these at the top instead: {sorted(nested)}"
+
+
 def test_the_import_graph_has_no_cycle():
     edges = {m: top - {m} for m, (top, _) in graph().items()}
     assert set(edges) >= {"model", "step", "batches", "checkpoint", "pretrained", "training"}
@@ -81,4 +95,4 @@ def test_the_import_graph_has_no_cycle():
 def test_the_compiled_side_imports_only_the_model_optimizer_and_mesh():
     """step.py is what checkpoint and pretrained build on: it must not import the loop."""
     top, _ = graph()["step"]
-    assert top <= {"model", "optim", "parallel", "errors"}, top
+    assert top <= {"model", "dtype", "optim", "parallel", "errors"}, top

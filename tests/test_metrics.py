@@ -81,6 +81,53 @@ def test_remote_flushes_are_spaced_out_unless_forced(gcs, tmp_path):
     assert path.read_bytes() == b"ab"
 
 
+def cut_last_line(path, keep: int = 12) -> None:
+    """The file as a write that never finished leaves it: its last line cut after `keep` bytes."""
+    path = epath.Path(path)
+    data = path.read_bytes()
+    start = data.rstrip(b"\n").rfind(b"\n") + 1
+    path.write_bytes(data[:start + keep])
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_a_resumed_run_never_continues_a_cut_line(where, tmp_path, request, capsys):
+    if where == "gcs":
+        request.getfixturevalue("gcs")
+        workdir = f"gs://test-bucket/cut-{tmp_path.name}"
+    else:
+        workdir = tmp_path
+    path = f"{workdir}/metrics.jsonl"
+    write_run(workdir, events=EVENTS[:2])
+    cut_last_line(path)  # the run stopped mid-write: '{"event": "t'
+    capsys.readouterr()
+    write_run(workdir, events=EVENTS[2:])  # the resumed run
+    assert capsys.readouterr().err.count("cut short") == 1
+    lines = epath.Path(path).read_text().splitlines()
+    assert lines[1] == '{"event": "t'  # the fragment stays alone on its line
+    assert [json.loads(line) for line in lines[2:]] == [
+        {"event": e, "step": s, **v} for e, s, v in EVENTS[2:]]  # every new record whole
+    kept = [EVENTS[0], *EVENTS[2:]]
+    assert metrics.read(workdir) == [{"event": e, "step": s, **v} for e, s, v in kept]
+    assert capsys.readouterr().err.count("skipped 1 line of") == 1
+    write_run(workdir, events=EVENTS[3:])  # a file that ends with its newline: no new line
+    assert "cut short" not in capsys.readouterr().err
+    assert len(epath.Path(path).read_text().splitlines()) == len(lines) + 1
+
+
+def test_read_skips_every_line_that_is_not_a_json_object_and_says_so_once(tmp_path, capsys):
+    """Also a file written before resumed runs started a new line: a record glued onto the
+    fragment of a cut one."""
+    good = [{"event": "eval", "step": 0, "val_loss": 4.5}, {"event": "train", "step": 1}]
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps(good[0]) + "\n" + '{"event": "train", "st{"event": "train", "step": 9}\n'
+        + "\n" + "3.5\n" + json.dumps(good[1]) + '\n{"event": "ev')
+    assert metrics.read(tmp_path) == good
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "skipped 3 lines of" in err
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(good[0]) + "\n")
+    assert metrics.read(tmp_path) == good[:1] and capsys.readouterr().err == ""
+
+
 def test_other_processes_write_nothing(tmp_path):
     m = metrics.Metrics(tmp_path, base_config(), enabled=False)
     m.write("train", 0, loss=1.0)

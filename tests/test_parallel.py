@@ -1,4 +1,5 @@
-"""Scaling out on CPU: 8 devices in one process, and two processes joined by jax.distributed.
+"""Scaling out on CPU: 8 devices in one process, and two processes joined by jax.distributed;
+the start-up checks (joining the processes, a batch that divides across the devices).
 
 JAX fixes the device count at import, so each run is a fresh interpreter (tests/parallel_worker.py)
 with XLA_FLAGS=--xla_force_host_platform_device_count=N. Tolerances: float32 runs on different
@@ -16,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxgpt import prepare
+from jaxgpt import parallel, prepare
 from jaxgpt import tokenizer as tokenizers
-from tests.conftest import byte_encoding, synthetic_text
+from jaxgpt.errors import UserError
+from tests.conftest import byte_encoding, synthetic_text, tiny
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,3 +123,26 @@ def test_two_processes_match_one_process(workers):
             for k in ("loss", "train_loss", "val_loss", "grad_norm"):
                 if k in s:
                     np.testing.assert_allclose(m[k], s[k], rtol=1e-5, err_msg=f"{path} {k}")
+
+
+def test_initialize_distributed(monkeypatch):
+    for k in ("JAXGPT_COORDINATOR", "JAXGPT_NUM_PROCESSES", "JAXGPT_PROCESS_ID",
+              "JAXGPT_DISTRIBUTED"):
+        monkeypatch.delenv(k, raising=False)
+    assert parallel.initialize_distributed() is False  # single process: nothing to join
+    assert parallel.initialize_distributed("127.0.0.1:1234", 1, 0) is False
+    with pytest.raises(UserError, match="num_processes"):
+        parallel.initialize_distributed("127.0.0.1:1234")
+    monkeypatch.setenv("JAXGPT_COORDINATOR", "127.0.0.1:1234")
+    monkeypatch.setenv("JAXGPT_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAXGPT_PROCESS_ID", "2")
+    with pytest.raises(UserError, match="process_id"):
+        parallel.initialize_distributed()
+
+
+def test_batch_must_divide_across_data_parallel_devices():
+    mesh = parallel.make_mesh(tiny())
+    parallel.check_batch(tiny(batch_size=3), mesh)  # 1 device divides anything
+    fake = type("M", (), {"shape": {"data": 4, "fsdp": 2}})()
+    with pytest.raises(UserError, match="batch_size=12 does not divide across 8"):
+        parallel.check_batch(tiny(batch_size=12), fake)

@@ -111,6 +111,23 @@ def test_plots_a_real_training_run(tmp_path, text_file):
                                   [[e["step"], e["val_loss"]] for e in evals])
 
 
+def test_cut_lines_are_skipped_with_one_warning(tmp_path, capsys):
+    """A line cut short by a write that never finished (a disk that filled) with the next
+    run's record glued onto it, and a cut last line: the rest is drawn, with one warning."""
+    ev, tr = write_metrics(tmp_path, seed=2)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(lines[i])["step"] for i in (2, 3)] == [2, 4]  # two train records
+    damaged = lines[:2] + [lines[2][:30] + lines[3]] + lines[4:] + [lines[-1][:25]]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(damaged))
+    m = plot.read_metrics(tmp_path)
+    assert m["eval"] == ev
+    kept = [i for i, s in enumerate(tr["step"]) if s not in (2, 4)]
+    assert m["train"] == {k: [v[i] for i in kept] for k, v in tr.items()}
+    assert capsys.readouterr().err.count("skipped 2 lines of") == 1
+    loss = lines_by_label(plot.figure([tmp_path]).axes[0])
+    np.testing.assert_array_equal(loss[f"{tmp_path.name}: val loss"][:, 1], ev["val_loss"])
+
+
 @pytest.mark.parametrize("content", [None, "", "\n"])
 def test_missing_or_empty_metrics_is_one_line(tmp_path, content):
     if content is not None:
@@ -170,16 +187,15 @@ def trained(tmp_path_factory):
     return runs
 
 
-def test_attention_draws_model_attention_maps(trained):
-    from jaxgpt import model as model_lib
+def test_attention_draws_attention_maps(trained):
     from jaxgpt.pretrained import load_run
 
     text = "the cat sat on a mat.\n"  # 22 characters: clipped to block_size=16, the last kept
     maps, labels, layers = plot.attention(trained[4], text)
     run = load_run(trained[4])
     ids = run.tokenizer.encode(text[-16:])
-    np.testing.assert_array_equal(maps, model_lib.attention_maps(run.model, run.params,
-                                                                 np.asarray(ids)))
+    np.testing.assert_array_equal(maps, plot.attention_maps(run.model, run.params,
+                                                            np.asarray(ids)))
     assert maps.shape == (2, 4, 16, 16) and layers == [0, 1]
     assert labels == [c.replace(" ", "\u00b7").replace("\n", "\\n") for c in text[-16:]]
     one, _, layers = plot.attention(trained[4], text, layer=1)

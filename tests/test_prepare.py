@@ -1,5 +1,6 @@
-"""python -m jaxgpt.prepare on Hugging Face datasets (nanoGPT's data/openwebtext/prepare.py rules),
-shards and their loader; local text and the command's one-line errors are in test_scale.py too."""
+"""python -m jaxgpt.prepare: local text and Hugging Face datasets (nanoGPT's
+data/openwebtext/prepare.py rules) to BPE token files, shards and their loader, the command's
+one-line errors."""
 
 import json
 import os
@@ -60,6 +61,57 @@ def _read(out, split):
     meta = json.loads((out / "meta.json").read_text())
     return np.concatenate([np.fromfile(out / f["name"], dtype=np.uint16)
                            for f in meta["files"][split]])
+
+
+def test_prepare_bpe_writes_nanogpt_bins(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("First Citizen:\nBefore we proceed")
+    (src / "sub" / "b.jsonl").write_text(json.dumps({"text": "any further, hear me"}) + "\n\n" +
+                                         json.dumps({"text": "speak."}) + "\n")
+    tok = tokenizers.BPETokenizer(byte_encoding())  # GPT-2's tables need a download; same code path
+    meta = prepare.prepare_bpe(src, tmp_path / "out", val_fraction=0.25, tokenizer=tok)
+    docs = ["First Citizen:\nBefore we proceed", "any further, hear me", "speak."]
+    expected = sum((tok.encode(d) + [tok.eot_token] for d in docs), [])  # nanoGPT: EOT after each
+    train = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16)
+    val = np.fromfile(tmp_path / "out" / "val.bin", dtype=np.uint16)
+    assert np.concatenate([train, val]).tolist() == expected
+    chars = sum(map(len, docs))  # byte tokens: one a character; val is the last 25 % of them
+    assert len(val) - val.tolist().count(tok.eot_token) == chars - int(chars * 0.75)
+    assert meta["val_tokens"] == len(val)
+    assert meta["tokenizer"] == {"kind": "gpt2"} and not list((tmp_path / "out").glob("*.part"))
+
+    config = tiny(dataset="owt", data_dir=str(tmp_path / "out"), block_size=4)
+    dataset = datasets.load(config)
+    assert dataset.on_host and isinstance(dataset.train, np.memmap)
+    assert dataset.tokenizer.vocab_size == 50257  # GPT-2's, known without loading its tables
+
+
+def test_prepare_cli_and_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(tokenizers, "_gpt2_encoding", byte_encoding)
+    (tmp_path / "t.txt").write_text("hello world\n" * 50)
+    prepare.prepare_bpe(tmp_path / "t.txt", tmp_path / "owt")
+    with pytest.raises(UserError, match="no such file"):
+        prepare.prepare_bpe(tmp_path / "missing.txt", tmp_path / "x")
+    r = subprocess.run([sys.executable, "-m", "jaxgpt.prepare", str(tmp_path / "missing.txt"),
+                        str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "jaxgpt.prepare", str(tmp_path / "t.txt")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "expected SOURCE OUT_DIR" in r.stderr
+    with pytest.raises(UserError, match="no train.bin/val.bin"):
+        datasets.load(tiny(dataset="openwebtext", data_dir=str(tmp_path / "nothing")))
+    # data_dir/DATASET also works (nanoGPT's data/openwebtext layout)
+    assert datasets.load(tiny(dataset="owt", data_dir=str(tmp_path), block_size=4)).on_host
+
+
+def test_large_text_files_are_read_in_pieces(tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_text("".join(f"line {i} of the corpus\n" for i in range(2000)))
+    pieces = list(prepare._text_chunks(path, chunk_bytes=4096))
+    assert len(pieces) > 5 and "".join(pieces) == path.read_text()
+    assert all(p.endswith("\n") for p in pieces)  # cut after a newline, never mid-word
+
 
 
 def test_hf_dataset_gives_nanogpts_token_streams(saved, tmp_path, encoding):

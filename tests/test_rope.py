@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from jaxgpt import sampling, training
+from jaxgpt.convert import fused
 from jaxgpt.errors import UserError
-from jaxgpt.model import GPT, GPTConfig, fused, init_cache
+from jaxgpt.model import GPT, GPTConfig
+from jaxgpt.sampling import decode, init_cache
 from tests.conftest import tiny
 
 CFG = GPTConfig(block_size=8, vocab_size=13, n_layer=2, n_head=2, n_embd=16, activation="relu",
@@ -70,7 +72,7 @@ def test_rope_forward_is_the_numpy_one():
 
 def test_rope_scores_depend_on_relative_positions_only():
     """q at m, k at n score as q at m + s, k at n + s: the premise of the rolling cache."""
-    from jaxgpt.model import rope
+    from jaxgpt.attention import rope
 
     q, k = np.random.default_rng(0).normal(size=(2, 1, 16)).astype(np.float32)
     score = lambda m, n: float(rope(q, jnp.array([m]))[0] @ rope(k, jnp.array([n]))[0])  # noqa
@@ -106,10 +108,8 @@ def test_rolling_cache_is_sliding_window_attention(prompt_len):
 
     seq = rng.integers(0, 13, (2, L))  # varied tokens: every logit depends on the window
     want = numpy_forward(params, seq, CFG, band=S)
-    step = jax.jit(lambda p, tok, cache, pos: model.apply({"params": p}, tok, cache=cache,
-                                                          pos=pos))
-    logits, cache = model.apply({"params": params}, seq[:, :prompt_len],
-                                cache=init_cache(model, 2), pos=0)
+    step = jax.jit(lambda p, tok, cache, pos: decode(model, p, tok, cache, pos))
+    logits, cache = decode(model, params, seq[:, :prompt_len], init_cache(model, 2), 0)
     got = [logits]
     for t in range(prompt_len, L):
         logits, cache = step(params, seq[:, t:t + 1], cache, t)

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from jaxgpt import sampling
+from jaxgpt.convert import fused
 from jaxgpt.errors import UserError
-from jaxgpt.model import GPT, BigramLanguageModel, GPTConfig, fused, init_cache
+from jaxgpt.model import GPT, BigramLanguageModel, GPTConfig
+from jaxgpt.sampling import decode, init_cache
 
 BLOCK = 8
 VOCAB = 13
@@ -69,10 +71,10 @@ def test_cached_logits_equal_full_forward(kind):
     model, params = fused(model, params)  # a `heads` model decodes in its fused form
     assert model.config.attention == "fused"
     cache = init_cache(model, 2)
-    logits, cache = model.apply({"params": params}, idx[:, :3], cache=cache, pos=0)
+    logits, cache = decode(model, params, idx[:, :3], cache, 0)
     pieces = [logits]
     for t in range(3, BLOCK):
-        logits, cache = model.apply({"params": params}, idx[:, t:t + 1], cache=cache, pos=t)
+        logits, cache = decode(model, params, idx[:, t:t + 1], cache, t)
         pieces.append(logits)
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5, rtol=1e-5)
 
@@ -80,13 +82,13 @@ def test_cached_logits_equal_full_forward(kind):
 def test_heads_model_refuses_a_cache():
     model, params = make("heads")
     with pytest.raises(UserError, match="fused"):
-        model.apply({"params": params}, jnp.zeros((1, 1), jnp.int32), cache=init_cache(model, 1))
+        decode(model, params, jnp.zeros((1, 1), jnp.int32), init_cache(model, 1), 0)
 
 
 def test_cache_path_has_the_same_params():
     model, params = make("fused")
     with_cache = model.init(jax.random.PRNGKey(0), jnp.zeros((1, BLOCK), jnp.int32),
-                            cache=init_cache(model, 1), pos=0)["params"]
+                            init_cache(model, 1), 0, method=GPT.decode)["params"]
     assert jax.tree.structure(with_cache) == jax.tree.structure(params)
     assert jax.tree.map(jnp.shape, with_cache) == jax.tree.map(jnp.shape, params)
 

@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from jaxgpt.training import Schedule
+from jaxgpt.training import Evaluate, Schedule, Steps
 
 
 def reference_evals(start, max_iters, eval_interval, lecture=False, evaluated=None):
@@ -27,8 +27,9 @@ def reference_evals(start, max_iters, eval_interval, lecture=False, evaluated=No
 def run(schedule, start):
     """(eval steps, calls as (first step, n)) of the events from `start`."""
     events = list(schedule.events(start))
-    return ([e[1] for e in events if e[0] == "eval"],
-            [(e[1], e[2]) for e in events if e[0] == "train"])
+    assert all(isinstance(e, Evaluate | Steps) for e in events)
+    return ([e.step for e in events if isinstance(e, Evaluate)],
+            [(e.step, e.n) for e in events if isinstance(e, Steps)])
 
 
 CASES = list(itertools.product([1, 7, 10, 12], [1, 3, 4, 5], [1, 2, 3, 8], [False, True]))
