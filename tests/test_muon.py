@@ -16,7 +16,7 @@ import optax
 import pytest
 from optax.contrib import _muon as optax_muon
 
-from jaxgpt import aot, flops, optim, parallel, tpus, training
+from jaxgpt import aot, bench, flops, optim, parallel, tpus, training
 from jaxgpt.config import base_config, validate
 from jaxgpt.errors import UserError
 from jaxgpt.model import make_model
@@ -155,9 +155,11 @@ def losses(workdir):
 
 
 def test_resume_with_muon_equals_uninterrupted(tmp_path):
+    """With bfloat16 compute and 2 accumulated micro-batches, too."""
     data = tmp_path / "input.txt"
     data.write_text(synthetic_text(20000))
-    config = lambda **kw: tiny(data, optimizer="muon", muon_lr=0.05, **kw)  # noqa: E731
+    config = lambda **kw: tiny(data, optimizer="muon", muon_lr=0.05,  # noqa: E731
+                               dtype="bfloat16", gradient_accumulation_steps=2, **kw)
     training.train(config(), tmp_path / "straight")
     training.train(config(max_iters=10), tmp_path / "resumed")
     training.train(config(), tmp_path / "resumed")  # init_from=auto: continues at step 10
@@ -255,3 +257,25 @@ def test_aot_counts_muon_state_and_newton_schulz_flops(tmp_path):
     assert want <= r["memory"]["opt_state"] <= want + 64  # + the step counts
     assert r["flops_per_step"]["optimizer"] == optim.newton_schulz_flops(built.state.params, 5)
     assert r["flops_per_step"]["xla"] > r["flops_per_step"]["analytic"]
+
+
+def test_bench_prints_newton_schulz_flops_beside_the_model_flops(tiny_config):
+    tiny_config.optimizer = "muon"
+    r = bench.run(tiny_config, quick=True, only="train")
+    t = r["train"]
+    model = make_model(tiny_config, 65)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                            jnp.zeros((1, tiny_config.block_size), jnp.int32))["params"]
+    assert t["optimizer_flops_per_step"] == optim.newton_schulz_flops(params, 5) > 0
+    assert t["mfu"] == pytest.approx(t["achieved_tflops"] / t["peak_tflops"])  # model FLOPs only
+    assert "optimizer GFLOP / step" in bench.format_table(r)
+
+
+def test_resuming_with_another_optimizer_is_one_line(tmp_path):
+    data = tmp_path / "input.txt"
+    data.write_text(synthetic_text(20000))
+    training.train(tiny(data, max_iters=5, eval_interval=5), tmp_path / "run")
+    with pytest.raises(UserError, match=r"optimizer \('adamw' -> 'muon'\)") as e:
+        training.train(tiny(data, max_iters=10, eval_interval=5, optimizer="muon"),
+                       tmp_path / "run")
+    assert "\n" not in str(e.value)
