@@ -111,8 +111,8 @@ def build(config, devices, *, everything: bool = True, num_steps: int | None = N
         state, train_data, num_steps=n)
     if everything:
         keys = jax.ShapeDtypeStruct((evals, 2), jnp.uint32, sharding=parallel.replicated(mesh))
-        built.lowered["evaluate"] = step.jit_eval_loss(state.apply_fn, source.eval_batch).lower(
-            state.params, eval_data, keys)
+        evaluate = step.jit_eval_loss(state.apply_fn, source.eval_batch, mesh)
+        built.lowered["evaluate"] = evaluate.lower(state.params, eval_data, keys)
         built.lowered["decode"] = lower_decode(model, state.params, devices[0])
     return built
 

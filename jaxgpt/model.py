@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgpt import splash
 from jaxgpt.errors import UserError
 
 ACTIVATIONS = {
@@ -25,7 +26,8 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),  # GPT-2's original; cheaper backward
 }
 ATTENTIONS = ("fused", "heads")  # one batched op (exercise 1, nanoGPT) | one `Head` per head
-ATTENTION_IMPLS = ("softmax", "xla", "cudnn")  # explicit softmax | jax.nn.dot_product_attention
+# explicit softmax | jax.nn.dot_product_attention | Pallas splash (TPU) | auto (splash.resolve_impl)
+ATTENTION_IMPLS = ("softmax", "xla", "cudnn", "splash", "auto")
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: by the device (auto_dtype)
 POSITIONS = ("learned", "rope")  # a learned embedding per position (wpe) | rotary q and k
 
@@ -97,7 +99,8 @@ class GPTConfig:
     # "fused": all heads in one batched op (CausalSelfAttention, exercise 1, nanoGPT) |
     # "heads": one `Head` module per head (the lecture)
     attention: str = _key("fused", weights=True)
-    # the fused path: explicit softmax | jax.nn.dot_product_attention ("xla", "cudnn")
+    # the fused path: explicit softmax | jax.nn.dot_product_attention ("xla", "cudnn") |
+    # "splash" (Pallas, TPU; interpreted elsewhere) | "auto" (splash on a TPU if it fits, else xla)
     attention_impl: str = _key("softmax")
     # gelu (nanoGPT, exact erf) | gelu_tanh (GPT-2's original) | relu (the lecture)
     activation: str = _key("gelu", weights=True)
@@ -130,6 +133,7 @@ class GPTConfig:
         _one_of("activation", self.activation, tuple(ACTIVATIONS))
         _one_of("attention", self.attention, ATTENTIONS)
         _one_of("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        splash.check(self)
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("position", self.position, POSITIONS)
         if self.position == "rope" and self.head_size % 2:
@@ -359,12 +363,16 @@ class CausalSelfAttention(nn.Module):
         """q (B, nh, T, hs), k, v (B, nh, S, hs) -> (B, nh, T, hs), query t at position pos + t."""
         cfg = self.config
         T, S = q.shape[2], k.shape[2]
-        if cfg.attention_impl != "softmax" and (deterministic or cfg.dropout == 0.0):
+        impl = splash.resolve_impl(cfg)[0]  # "auto": splash on a TPU if it takes T, else xla
+        fused = deterministic or cfg.dropout == 0.0  # the kernels have no attention dropout
+        if impl == "splash" and fused and S == T and splash.takes(T):
+            return splash.attention(q, k, v, pos)  # (B, nh, T, hs) scores kept on chip
+        if impl != "softmax" and fused:
             # the fused kernel has no attention dropout: inference and dropout-free recipes
             q, k, v = (t.swapaxes(1, 2) for t in (q, k, v))  # (B, T|S, nh, hs) its layout
             mask = None if S == T else attention_mask(T, S, pos)  # S == T: plain causal
             y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=S == T,
-                                             implementation=cfg.attention_impl)
+                                             implementation="xla" if impl == "splash" else impl)
             return y.swapaxes(1, 2)  # (B, nh, T, hs)
         # affinities accumulated and kept in float32 even when q, k are bfloat16 / float16
         wei = jnp.matmul(q, k.swapaxes(-2, -1), preferred_element_type=jnp.float32)

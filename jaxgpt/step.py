@@ -191,8 +191,9 @@ def train_steps(state: TrainState, data, *, train_batch, num_steps: int):
 def jit_train_steps(state_shardings, train_batch):
     """The compiled training call: (state, data, num_steps=n) -> (state, metrics), the state
     donated and kept in its shardings. train.py, the benchmark and every test build it here."""
-    return jax.jit(functools.partial(train_steps, train_batch=train_batch),
-                   static_argnames="num_steps", donate_argnums=0,
+    mesh = jax.tree.leaves(state_shardings)[0].mesh  # traced in it: the kernels see the mesh
+    fn = parallel.traced_in(mesh, functools.partial(train_steps, train_batch=train_batch))
+    return jax.jit(fn, static_argnames="num_steps", donate_argnums=0,
                    out_shardings=(state_shardings, None))
 
 
@@ -215,9 +216,11 @@ def eval_loss(params, data, keys, *, apply_fn, eval_batch):
     return losses.mean()
 
 
-def jit_eval_loss(apply_fn, eval_batch):
-    """The compiled eval call: (params, data, keys) -> mean loss, one batch per key."""
-    return jax.jit(functools.partial(eval_loss, apply_fn=apply_fn, eval_batch=eval_batch))
+def jit_eval_loss(apply_fn, eval_batch, mesh=None):
+    """The compiled eval call: (params, data, keys) -> mean loss, one batch per key; traced in
+    `mesh` (the training mesh) if given, so the kernels see it."""
+    fn = functools.partial(eval_loss, apply_fn=apply_fn, eval_batch=eval_batch)
+    return jax.jit(fn if mesh is None else parallel.traced_in(mesh, fn))
 
 
 @functools.lru_cache(maxsize=8)

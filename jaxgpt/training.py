@@ -69,7 +69,7 @@ def setup(config, *, dataset=None, mesh=None) -> Setup:
     shardings = jax.tree.map(lambda x: x.sharding, state)
     return Setup(dataset, model, mesh, state, source,
                  step.jit_train_steps(shardings, source.train_batch),
-                 step.jit_eval_loss(state.apply_fn, source.eval_batch))
+                 step.jit_eval_loss(state.apply_fn, source.eval_batch, mesh))
 
 
 def estimate_loss(s: Setup, params, key, on_call=None) -> dict | None:
