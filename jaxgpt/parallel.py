@@ -70,6 +70,9 @@ def traced_in(mesh: Mesh, fn):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return fn(*args, **kwargs)
 
+    # jit names the program after the function: keep fn's (a partial: its function's)
+    traced.__name__ = getattr(fn, "__name__", getattr(getattr(fn, "func", None), "__name__",
+                                                      "traced"))
     return traced
 
 
