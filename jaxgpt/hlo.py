@@ -29,7 +29,9 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
          "partition-id", "replica-id", "while", "call", "conditional", "opt-barrier",
          "all-gather-done", "all-reduce-done", "collective-permute-done", "copy-done",
-         "async-done", "send-done", "recv-done", "add-dependency", "domain"}
+         "async-done", "send-done", "recv-done", "add-dependency", "domain", "slice-done",
+         "reduce-scatter-done", "all-to-all-done"}
+_ALIASES = {"custom-call:ConcatBitcast"}  # re-views adjacent buffers as one: no copy
 PALLAS = "tpu_custom_call"  # a Pallas TPU kernel: XLA's cost analysis does not look inside
 
 
@@ -86,6 +88,9 @@ def parse(text: str) -> dict:
             continue
         type_text, call = _split_type(m.group(3))
         opcode = call.split("(", 1)[0].strip()
+        target = re.search(r'custom_call_target="([^"]*)"', line)
+        if target:  # custom-call:tpu_custom_call (a Pallas kernel), custom-call:ConcatBitcast
+            opcode = f"{opcode}:{target.group(1)}"
         op_name = _OP_NAME.search(line)
         called = re.findall(r"(body|condition|to_apply|calls|branch_computations)=\{?%([\w.\-]+)",
                             line)
@@ -170,16 +175,20 @@ def bytes_by_source(text: str, accumulation: int = 1, top: int = 12) -> dict:
     sources, categories, total = collections.Counter(), collections.Counter(), 0
     for comp, d in depth.items():
         sizes = {name: size for name, _, size, _, _, _ in comps[comp]}
+        names = {}  # instruction -> op_name; XLA's own (async copies, slices) take their input's
         for name, opcode, size, operands, op_name, _ in comps[comp]:
-            if opcode in _FREE:
+            op_name = op_name or next((names[o] for o in operands if names.get(o)), "")
+            names[name] = op_name
+            if opcode in _FREE or opcode in _ALIASES:
                 continue
             read = sum(sizes.get(o, 0) for o in operands)
-            # an async copy's result is (destination, source, context): read + write once
-            moved = 2 * read if opcode == "copy-start" else size + read
+            # an async op's result holds its operands too, (source, destination, context):
+            # what it writes is the rest, read once and written once
+            moved = 2 * (size - read) if opcode.endswith("-start") else size + read
             nested = op_name.count("while/body") if op_name else d
             moved *= accumulation if accumulation > 1 and nested >= 2 else 1
             phase, source = label(op_name)
-            if opcode == "custom-call" and name.startswith("splash"):  # the kernel's own name
+            if opcode == f"custom-call:{PALLAS}":  # named after the kernel (splash_mha_fwd...)
                 phase, source = "kernel", "splash attention " + name.split(".")[0]
             sources[(phase, source)] += moved
             categories[category(phase, source)] += moved
