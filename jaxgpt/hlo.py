@@ -32,6 +32,7 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "afte
          "async-done", "send-done", "recv-done", "add-dependency", "domain", "slice-done",
          "reduce-scatter-done", "all-to-all-done"}
 _ALIASES = {"custom-call:ConcatBitcast"}  # re-views adjacent buffers as one: no copy
+_PARTIAL = re.compile(r"/(gather|dynamic_slice|slice)\"?$")  # the primitive reads a part
 PALLAS = "tpu_custom_call"  # a Pallas TPU kernel: XLA's cost analysis does not look inside
 
 
@@ -150,6 +151,8 @@ def category(phase: str, source: str) -> str:
         return "attention core"
     if phase == "step":
         return "optimizer update and step"
+    if phase == "micro":
+        return "gradient accumulation"
     if "/attn/" in source or source.startswith("h_*/attn"):
         if "c_attn" in source or "c_proj" in source:
             return "attention projections"
@@ -165,14 +168,15 @@ def category(phase: str, source: str) -> str:
 
 
 def bytes_by_source(text: str, accumulation: int = 1, top: int = 12) -> dict:
-    """Per optimizer step: {"total", "by_category": {name: bytes}, "top": [(pass, source,
-    bytes)]}: operand + result bytes of every executed instruction, grouped by source; those
-    nested two scans deep (the micro-batch loop inside the steps loop) count `accumulation`
-    times."""
+    """Per optimizer step: {"total", "partial_reads", "by_category": {name: bytes}, "top":
+    [(pass, source, bytes)]}: operand + result bytes of every executed instruction, grouped by
+    source; those nested two scans deep (the micro-batch loop inside the steps loop) count
+    `accumulation` times. `partial_reads`: the part of the total that gathers and slices are
+    charged for operand bytes they do not read (in the total, as in XLA's count)."""
     parsed = parse(text)
     depth = _executed(parsed)
     comps = parsed["computations"]
-    sources, categories, total = collections.Counter(), collections.Counter(), 0
+    sources, categories, total, partial = collections.Counter(), collections.Counter(), 0, 0
     for comp, d in depth.items():
         sizes = {name: size for name, _, size, _, _, _ in comps[comp]}
         names = {}  # instruction -> op_name; XLA's own (async copies, slices) take their input's
@@ -185,13 +189,20 @@ def bytes_by_source(text: str, accumulation: int = 1, top: int = 12) -> dict:
             # an async op's result holds its operands too, (source, destination, context):
             # what it writes is the rest, read once and written once
             moved = 2 * (size - read) if opcode.endswith("-start") else size + read
+            if _PARTIAL.search(op_name) and opcode.startswith("fusion"):
+                # a gather or slice reads only what it returns: the rest of its operand is a
+                # count artefact (XLA's count charges all of it)
+                partial += (moved - 2 * size) * (accumulation if accumulation > 1 and
+                                                 (op_name.count("while/body") >= 2) else 1)
             nested = op_name.count("while/body") if op_name else d
             moved *= accumulation if accumulation > 1 and nested >= 2 else 1
             phase, source = label(op_name)
+            if phase == "step" and nested >= 2:  # in the micro-batch loop: the gradient sum
+                phase = "micro"
             if opcode == f"custom-call:{PALLAS}":  # named after the kernel (splash_mha_fwd...)
                 phase, source = "kernel", "splash attention " + name.split(".")[0]
             sources[(phase, source)] += moved
             categories[category(phase, source)] += moved
             total += moved
-    return {"total": total, "by_category": dict(categories.most_common()),
+    return {"total": total, "partial_reads": partial, "by_category": dict(categories.most_common()),
             "top": [(p, s, b) for (p, s), b in sources.most_common(top)]}
