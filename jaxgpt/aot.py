@@ -228,7 +228,14 @@ def report(built: Built, topology: str, compile_s: dict, compiled: dict) -> dict
     # read params, grads and both moments, write params and moments, float32)
     update_bytes = 7 * state["params"]
     xla_flops = cost.get("flops", float("nan")) * A
-    hbm_bytes = (cost.get("bytes accessed", float("nan")) - update_bytes) * A + update_bytes
+    by_source = hlo.bytes_by_source(text, A)
+    xla_bytes = cost.get("bytes accessed", float("nan"))
+    formula_bytes = (xla_bytes - update_bytes) * A + update_bytes
+    # XLA's count with each instruction counted as often as it runs: the parse of the program
+    # knows which instructions sit in the accumulation loop (the formula above assumes all but
+    # the update do, so work done once per step would count A times)
+    hbm_bytes = xla_bytes * by_source["total"] / by_source["once"] if by_source["once"] else \
+        formula_bytes
     analytic = flops_per_token(config, n_params) * tokens / devices
     # XLA's cost analysis does not look inside a Pallas kernel: with kernels in the program its
     # count misses their FLOPs (attention's, with splash), so the compute side is analytic
@@ -241,7 +248,8 @@ def report(built: Built, topology: str, compile_s: dict, compiled: dict) -> dict
                            "pallas_kernels": kernels,
                            "source": "analytic (XLA misses the Pallas kernels)" if kernels
                            and flops == analytic else "XLA"},
-        "bytes_per_step": {"xla": hbm_bytes, **hlo.bytes_by_source(text, A)},
+        "bytes_per_step": {"xla": hbm_bytes, "xla_once": xla_bytes,
+                           "xla_times_accumulation": formula_bytes, **by_source},
         "roofline": {"step_s": step_s, "mfu_ceiling": analytic / peak / step_s,
                      "compute_s": flops / peak, "memory_s": hbm_bytes / chip.hbm_bytes_per_s,
                      "peak_flops": peak, "peak_source": peak_source,
@@ -404,8 +412,10 @@ def print_report(r: dict, say) -> None:
         f"{roof['memory_s'] * 1e3:.1f} ms at {roof['hbm_bytes_per_s'] / 1e9:.0f} GB/s), "
         f"MFU <= {roof['mfu_ceiling']:.0%}: compiler figures, not a measured run")
     b = r["bytes_per_step"]
-    say(f"bytes accessed per step per device: XLA {b['xla'] / 1e9:.3g} GB; by source, from the "
-        f"compiled program's operands and results ({b['total'] / 1e9:.3g} GB in all):")
+    say(f"bytes accessed per step per device: XLA {b['xla'] / 1e9:.3g} GB (its count of one "
+        f"pass, {b['xla_once'] / 1e9:.3g} GB, with each instruction as often as it runs; all "
+        f"but the update x accumulation: {b['xla_times_accumulation'] / 1e9:.3g} GB); by source,"
+        f" from the compiled program's operands and results ({b['total'] / 1e9:.3g} GB in all):")
     for name, value in b["by_category"].items():
         say(f"  {name:<30} {value / 1e9:>9.3g} GB {value / b['total']:>5.0%}")
     say("  largest single sources (pass, jaxpr path):")

@@ -168,7 +168,8 @@ def category(phase: str, source: str) -> str:
 
 
 def bytes_by_source(text: str, accumulation: int = 1, top: int = 12) -> dict:
-    """Per optimizer step: {"total", "partial_reads", "by_category": {name: bytes}, "top":
+    """Per optimizer step: {"total", "once" (every instruction counted once, as XLA's cost
+    analysis counts a loop body), "partial_reads", "by_category": {name: bytes}, "top":
     [(pass, source, bytes)]}: operand + result bytes of every executed instruction, grouped by
     source; those nested two scans deep (the micro-batch loop inside the steps loop) count
     `accumulation` times. `partial_reads`: the part of the total that gathers and slices are
@@ -176,7 +177,8 @@ def bytes_by_source(text: str, accumulation: int = 1, top: int = 12) -> dict:
     parsed = parse(text)
     depth = _executed(parsed)
     comps = parsed["computations"]
-    sources, categories, total, partial = collections.Counter(), collections.Counter(), 0, 0
+    sources, categories, total, partial, once = (collections.Counter(), collections.Counter(),
+                                                 0, 0, 0)
     for comp, d in depth.items():
         sizes = {name: size for name, _, size, _, _, _ in comps[comp]}
         names = {}  # instruction -> op_name; XLA's own (async copies, slices) take their input's
@@ -195,6 +197,7 @@ def bytes_by_source(text: str, accumulation: int = 1, top: int = 12) -> dict:
                 partial += (moved - 2 * size) * (accumulation if accumulation > 1 and
                                                  (op_name.count("while/body") >= 2) else 1)
             nested = op_name.count("while/body") if op_name else d
+            once += moved
             moved *= accumulation if accumulation > 1 and nested >= 2 else 1
             phase, source = label(op_name)
             if phase == "step" and nested >= 2:  # in the micro-batch loop: the gradient sum
@@ -204,5 +207,6 @@ def bytes_by_source(text: str, accumulation: int = 1, top: int = 12) -> dict:
             sources[(phase, source)] += moved
             categories[category(phase, source)] += moved
             total += moved
-    return {"total": total, "partial_reads": partial, "by_category": dict(categories.most_common()),
+    return {"total": total, "once": once, "partial_reads": partial,
+            "by_category": dict(categories.most_common()),
             "top": [(p, s, b) for (p, s), b in sources.most_common(top)]}
