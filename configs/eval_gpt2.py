@@ -13,6 +13,7 @@ def get_config():
     c.dataset = "openwebtext"
     c.init_from = "gpt2"
     c.eval_only = True
-    c.batch_size = 8
+    c.batch_size = 8  # divides over 1, 4 and 8 devices (every slice of tests/test_gpt2_recipes)
+    c.attention_impl = "auto"  # the splash kernel on a TPU, xla elsewhere (no dropout: eval)
     c.eval_iters = 500  # use more iterations to get a good estimate
     return c

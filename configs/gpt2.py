@@ -2,9 +2,11 @@
 
 12 layers, 12 heads, 768 wide, block 1024, vocab 50304 (50257 padded to a multiple of 64).
 nanoGPT: batch 12 x block 1024 x grad accum 5*8 (8 GPUs) = ~0.5M tokens per step, 600k steps
-(~300B tokens), val loss ~2.85. Here `batch_size` is the global batch over all devices, so
-batch 12 x accum 40 is that same 491,520 tokens per step on any number of devices; on a pod
-raise batch_size (a multiple of the device count) and lower the accumulation to keep the product.
+(~300B tokens), val loss ~2.85. Here `batch_size` is the global batch over all devices:
+batch 16 x accum 30 is that same 491,520 tokens per step (480 sequences), and 16 divides over
+1 GPU, 8 GPUs and the common TPU VM slices as written (v4-8 and v5p-8: 4 chips; v5litepod-8 and
+v6e-8: 8; tests/test_gpt2_recipes.py). On a pod raise batch_size (a multiple of the device count)
+and lower the accumulation to keep the product; `python -m jaxgpt.aot ... --fit` prints it.
 
 Data: train.bin / val.bin (uint16 GPT-2 BPE, nanoGPT's format) in --config.data_dir (or
 ~/.cache/jaxgpt/openwebtext), read through np.memmap; write them with
@@ -25,12 +27,14 @@ def get_config():
     c.vocab_size = 50304  # GPT-2's 50257 padded up for fast matmuls (nanoGPT)
     c.dropout = 0.0  # for pretraining 0 is good
     c.bias = False  # nanoGPT's train.py default, which train_gpt2 keeps
-    c.attention_impl = "xla"  # jax.nn.dot_product_attention (no dropout here); "cudnn" on GPUs
+    # auto: the Pallas splash kernel on a TPU (scores never leave the chip), xla elsewhere;
+    # "cudnn" on GPUs (opt-in)
+    c.attention_impl = "auto"
     c.dtype = "auto"  # bfloat16 compute on GPU/TPU, params and optimizer state float32
     c.remat = False  # --config.remat=True trades compute for memory (larger batch per device)
     # optimizer and schedule (nanoGPT's train.py defaults, which train_gpt2 keeps)
-    c.batch_size = 12
-    c.gradient_accumulation_steps = 5 * 8
+    c.batch_size = 16  # nanoGPT: 12 per GPU x 8 GPUs x 5; 480 sequences per step either way
+    c.gradient_accumulation_steps = 30
     c.learning_rate = 6e-4
     c.max_iters = 600000
     c.warmup_iters = 2000

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from absl import flags
 from ml_collections import config_flags
 
-from jaxgpt import batches, cli, datasets, parallel, sampling, step, tpus
+from jaxgpt import batches, cli, datasets, hlo, parallel, sampling, splash, step, tpus
 from jaxgpt import config as config_lib
 from jaxgpt.errors import UserError
 from jaxgpt.flops import datasheet_peak, flops_per_token, optimizer_flops
@@ -58,10 +58,12 @@ def define_flags() -> None:
 
 
 def for_tpu(config):
-    """A copy of the config as a TPU run resolves it ("auto" dtype: bfloat16 there)."""
+    """A copy of the config as a TPU run resolves it ("auto" dtype: bfloat16 there; "auto"
+    attention_impl: splash where it takes block_size, else xla)."""
     config = config.copy_and_resolve_references()
     if config.dtype == "auto":
         config.dtype = "bfloat16"
+    config.attention_impl = splash.resolve_impl(config, "tpu")[0]
     return config
 
 
@@ -111,8 +113,8 @@ def build(config, devices, *, everything: bool = True, num_steps: int | None = N
         state, train_data, num_steps=n)
     if everything:
         keys = jax.ShapeDtypeStruct((evals, 2), jnp.uint32, sharding=parallel.replicated(mesh))
-        built.lowered["evaluate"] = step.jit_eval_loss(state.apply_fn, source.eval_batch).lower(
-            state.params, eval_data, keys)
+        evaluate = step.jit_eval_loss(state.apply_fn, source.eval_batch, mesh)
+        built.lowered["evaluate"] = evaluate.lower(state.params, eval_data, keys)
         built.lowered["decode"] = lower_decode(model, state.params, devices[0])
     return built
 
@@ -203,7 +205,8 @@ def report(built: Built, topology: str, compile_s: dict, compiled: dict) -> dict
         "device_kind": first.device_kind, "mesh": dict(built.mesh.shape),
         "batch_size": config.batch_size, "gradient_accumulation_steps": A,
         "steps_per_call": config.steps_per_call, "remat": bool(config.remat),
-        "dtype": config.dtype, "params": n_params, "tokens_per_step": tokens,
+        "dtype": config.dtype, "attention_impl": config.attention_impl, "params": n_params,
+        "tokens_per_step": tokens,
         "compile_s": compile_s, "memory": state,
     }
     if "train" not in compiled:
@@ -220,25 +223,41 @@ def report(built: Built, topology: str, compile_s: dict, compiled: dict) -> dict
     # XLA's cost analysis counts a loop body once, not once per trip (checked: the same FLOPs
     # for 1 and 3 steps per call): the steps_per_call scan shows one step, and with
     # accumulation that step shows one micro-batch of A
-    cost = _cost(train)
+    cost, text = _cost(train), train.as_text()
     # ... so that micro-batch counts A times, the AdamW update once (its traffic estimated:
     # read params, grads and both moments, write params and moments, float32)
     update_bytes = 7 * state["params"]
     xla_flops = cost.get("flops", float("nan")) * A
-    hbm_bytes = (cost.get("bytes accessed", float("nan")) - update_bytes) * A + update_bytes
+    by_source = hlo.bytes_by_source(text, A)
+    xla_bytes = cost.get("bytes accessed", float("nan"))
+    formula_bytes = (xla_bytes - update_bytes) * A + update_bytes
+    # XLA's count with each instruction counted as often as it runs: the parse of the program
+    # knows which instructions sit in the accumulation loop (the formula above assumes all but
+    # the update do, so work done once per step would count A times)
+    hbm_bytes = xla_bytes * by_source["total"] / by_source["once"] if by_source["once"] else \
+        formula_bytes
     analytic = flops_per_token(config, n_params) * tokens / devices
+    # XLA's cost analysis does not look inside a Pallas kernel: with kernels in the program its
+    # count misses their FLOPs (attention's, with splash), so the compute side is analytic
+    kernels = hlo.custom_calls(text)
+    flops = max(xla_flops, analytic) if kernels else xla_flops
     peak, peak_source = datasheet_peak(first, "bfloat16")
-    step_s = max(xla_flops / peak, hbm_bytes / chip.hbm_bytes_per_s)
+    step_s = max(flops / peak, hbm_bytes / chip.hbm_bytes_per_s)
     out |= {
         # Muon's Newton–Schulz, whole (each device runs it whole where the kernels are
         # replicated); XLA's figure includes it, the analytic model FLOPs do not
-        "flops_per_step": {"xla": xla_flops, "analytic": analytic,
-                           "optimizer": optimizer_flops(config, built.state.params)},
+        "flops_per_step": {"xla": xla_flops, "analytic": analytic, "used": flops,
+                           "optimizer": optimizer_flops(config, built.state.params),
+                           "pallas_kernels": kernels,
+                           "source": "analytic (XLA misses the Pallas kernels)" if kernels
+                           and flops == analytic else "XLA"},
+        "bytes_per_step": {"xla": hbm_bytes, "xla_once": xla_bytes,
+                           "xla_times_accumulation": formula_bytes, **by_source},
         "roofline": {"step_s": step_s, "mfu_ceiling": analytic / peak / step_s,
-                     "compute_s": xla_flops / peak, "memory_s": hbm_bytes / chip.hbm_bytes_per_s,
+                     "compute_s": flops / peak, "memory_s": hbm_bytes / chip.hbm_bytes_per_s,
                      "peak_flops": peak, "peak_source": peak_source,
                      "hbm_bytes_per_s": chip.hbm_bytes_per_s},
-        "collectives": collectives(train.as_text()),
+        "collectives": collectives(text),
     }
     for name in ("evaluate", "decode"):
         if name in compiled:
@@ -364,7 +383,8 @@ def print_report(r: dict, say) -> None:
     say(f"{r['topology']}: {r['devices']} x {r['device_kind']} in {r['processes']} "
         f"process(es), mesh {r['mesh']}; batch_size={r['batch_size']} x accumulation "
         f"{r['gradient_accumulation_steps']}, steps_per_call={r['steps_per_call']}, "
-        f"remat={r['remat']}, dtype={r['dtype']}, {r['params'] / 1e6:.1f}M parameters")
+        f"remat={r['remat']}, dtype={r['dtype']}, attention_impl={r['attention_impl']}, "
+        f"{r['params'] / 1e6:.1f}M parameters")
     if r["compile_s"]:
         say("compiled in " + ", ".join(f"{k} {v:.1f} s" for k, v in r["compile_s"].items()))
     say("per device (the training call):")
@@ -387,11 +407,24 @@ def print_report(r: dict, say) -> None:
     f, roof = r["flops_per_step"], r["roofline"]
     say(f"FLOPs per step per device: XLA {f['xla']:.3g}, analytic 6N + 12·L·H·Q·T "
         f"{f['analytic']:.3g}" + (f", Muon's Newton–Schulz {f['optimizer']:.3g} (not in the "
-                                  "analytic figure)" if f.get("optimizer") else ""))
+                                  "analytic figure)" if f.get("optimizer") else "")
+        + (f"; {f['pallas_kernels']} Pallas kernel calls XLA does not count into: the "
+           "roofline uses the analytic figure (*)" if f["source"] != "XLA" else ""))
     say(f"roofline: step >= {roof['step_s'] * 1e3:.1f} ms (compute {roof['compute_s'] * 1e3:.1f}"
-        f" ms at {roof['peak_flops'] / 1e12:.0f} TFLOP/s bf16, memory "
+        f" ms{' (*)' if f['source'] != 'XLA' else ''} at {roof['peak_flops'] / 1e12:.0f} "
+        f"TFLOP/s bf16, memory "
         f"{roof['memory_s'] * 1e3:.1f} ms at {roof['hbm_bytes_per_s'] / 1e9:.0f} GB/s), "
         f"MFU <= {roof['mfu_ceiling']:.0%}: compiler figures, not a measured run")
+    b = r["bytes_per_step"]
+    say(f"bytes accessed per step per device: XLA {b['xla'] / 1e9:.3g} GB (its count of one "
+        f"pass, {b['xla_once'] / 1e9:.3g} GB, with each instruction as often as it runs; all "
+        f"but the update x accumulation: {b['xla_times_accumulation'] / 1e9:.3g} GB); by source,"
+        f" from the compiled program's operands and results ({b['total'] / 1e9:.3g} GB in all):")
+    for name, value in b["by_category"].items():
+        say(f"  {name:<30} {value / 1e9:>9.3g} GB {value / b['total']:>5.0%}")
+    say("  largest single sources (pass, jaxpr path):")
+    for phase, source, value in b["top"][:8]:
+        say(f"    {value / 1e9:>9.3g} GB  {phase:<8} {source}")
     if r["collectives"]:
         say("collectives in the training program (each counted once where it appears):")
         for op, v in r["collectives"].items():

@@ -5,13 +5,15 @@ KV cache in sampling, query t at position pos + t. model.py's attention modules 
 
 - `softmax_weights`: the explicit path, the lecture's `wei` (masked, softmaxed affinities): the
   modules apply dropout to it and `sow` it (`plot.attention_maps`), then take `wei @ v`;
-- a fused kernel from `KERNELS` (`attention_impl`): one function `(q, k, v, pos) -> y`, no
-  weights and no dropout (dropout-free recipes and inference). A new kernel is one entry here.
+- a fused kernel from `KERNELS` (`attention_impl`, "auto" resolved by `kernel_for`): one
+  function `(q, k, v, pos) -> y`, no weights and no dropout (dropout-free recipes and
+  inference). A new kernel is one entry here.
 """
 
 import jax
 import jax.numpy as jnp
 
+from jaxgpt import splash
 from jaxgpt.dtype import resolve_dtype
 from jaxgpt.errors import UserError
 
@@ -82,8 +84,23 @@ def cudnn(q, k, v, pos=0):
     return dot_product_attention(q, k, v, pos, implementation="cudnn")
 
 
+def splash_or_xla(q, k, v, pos=0):
+    """The Pallas splash kernel (splash.py) where it takes the shape: keys = queries, a multiple
+    of 128 (training, eval, the prefill); XLA's elsewhere (the KV cache's one-token steps)."""
+    T, S = q.shape[2], k.shape[2]
+    if S == T and splash.takes(T):
+        return splash.attention(q, k, v, pos)  # (B, nh, T, hs) the scores stay on chip
+    return xla(q, k, v, pos)
+
+
 # attention_impl -> the fused kernel (q, k, v, pos) -> y; "softmax" is the explicit path
-KERNELS = {"xla": xla, "cudnn": cudnn}
+KERNELS = {"xla": xla, "cudnn": cudnn, "splash": splash_or_xla}
+
+
+def kernel_for(config):
+    """The fused kernel config.attention_impl names ("auto": splash.resolve_impl's choice for
+    the platform being compiled for), or None for the explicit softmax path."""
+    return KERNELS.get(splash.resolve_impl(config)[0])
 
 
 def check(attention_impl: str, dtype: str, backend: str) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxgpt import bins, parallel
 from jaxgpt.data import Dataset
+from jaxgpt.errors import UserError
 
 
 class BatchSource(Protocol):
@@ -90,6 +91,29 @@ class DeviceBatches:
         pass
 
 
+def fixed_windows(data, first: int, shape, block_size: int, rows: np.ndarray):
+    """Rows `rows` of the batch of consecutive windows first, first+1, ... (window w: the
+    T+1 tokens from w*T, as step.heldout_loss scores a split): x, y (..., r, T). A function of
+    the window numbers alone: the same on any slice, any number of processes, any resume."""
+    count = int(np.prod(shape))
+    starts = (first + np.arange(count)).reshape(shape)[..., rows] * block_size  # (..., r)
+    window = data.windows(starts, block_size) if isinstance(data, bins.Shards) else \
+        data[starts[..., None] + np.arange(block_size + 1)]
+    window = window.astype(np.int32)  # (..., r, T+1)
+    return window[..., :-1], window[..., 1:]  # (..., r, T), (..., r, T)
+
+
+def check_fixed_val(data, config) -> None:
+    """A fixed val set needs eval_iters * batch_size windows of block_size in the val split."""
+    T = config.block_size
+    need = config.eval_iters * config.batch_size * T + 1
+    starts = data.num_starts(T) if isinstance(data, bins.Shards) else len(data) - T
+    if (need - 1 - T) >= starts:  # the last window's start must be a valid start
+        have = len(data)
+        raise UserError(f"config.fixed_val: the val split has {have} tokens, fewer than "
+                        f"eval_iters x batch_size x block_size + 1 = {need}: lower eval_iters")
+
+
 def local_batch(data, seed, step: int, shape, block_size: int, rows: np.ndarray):
     """Rows `rows` (of the last axis of `shape`) of the global batch of `step`: x, y (..., r, T).
 
@@ -125,6 +149,11 @@ class HostBatches:
         self.eval_rows = parallel.local_rows(self.eval_sharding, (*self.eval_shape, 1), axis=1)
         self.prefetch = prefetch
         self.thread, self.next_step = None, None
+        # fixed_val: the val eval scores windows 0 .. eval_iters * batch_size - 1, each once,
+        # in order; an eval's val calls come one after the other, after its train calls
+        self.fixed_val, self.val_call = bool(config.get("fixed_val", False)), 0
+        if self.fixed_val:
+            check_fixed_val(dataset.val, config)
 
     def _produce(self, step, queue, stop):
         while not stop.is_set():
@@ -165,9 +194,17 @@ class HostBatches:
     def eval_data(self, split: str, keys):
         """(x, y), each (E, B, T), the E batches of one eval call: their windows come from the
         call's first key."""
-        seed = (self.seed, 1, *np.asarray(jax.random.key_data(keys[0])).tolist())
-        local = local_batch(self.splits[split], seed, 0, self.eval_shape, self.block_size,
-                            self.eval_rows)
+        if self.fixed_val and split == "val":  # the call's share of the fixed windows
+            calls = self.eval_iters // self.eval_shape[0]
+            first = (self.val_call % calls) * int(np.prod(self.eval_shape))
+            self.val_call += 1
+            local = fixed_windows(self.splits[split], first, self.eval_shape, self.block_size,
+                                  self.eval_rows)
+        else:
+            self.val_call = 0  # an eval starts with its train calls
+            seed = (self.seed, 1, *np.asarray(jax.random.key_data(keys[0])).tolist())
+            local = local_batch(self.splits[split], seed, 0, self.eval_shape, self.block_size,
+                                self.eval_rows)
         return tuple(parallel.put_process_local(t, self.eval_sharding,
                                                 (*self.eval_shape, self.block_size))
                      for t in local)

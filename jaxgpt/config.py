@@ -81,6 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.gradient_accumulation_steps = 1
     c.eval_interval = 2000
     c.eval_iters = 200
+    # token files: True scores the val split's first eval_iters x batch_size windows of
+    # block_size, each once (as step.heldout_loss), the same set on any slice and after any
+    # resume, so runs compare across machines; False: random windows (nanoGPT's estimate_loss)
+    c.fixed_val = False
     # True: the lecture's loop (evals at iter % eval_interval == 0 or iter == max_iters - 1,
     # each before that iter's step: the last after max_iters-1 steps); False: nanoGPT's (the
     # last eval after all max_iters steps)

@@ -6,12 +6,14 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from jaxgpt import splash
 from jaxgpt.dtype import DTYPES, resolve_dtype
 from jaxgpt.errors import UserError
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")  # nanoGPT (exact erf) | GPT-2's original | lecture
 ATTENTIONS = ("fused", "heads")  # one batched op (exercise 1, nanoGPT) | one `Head` per head
-ATTENTION_IMPLS = ("softmax", "xla", "cudnn")  # explicit softmax | jax.nn.dot_product_attention
+# explicit softmax | jax.nn.dot_product_attention | Pallas splash (TPU) | auto (splash.resolve_impl)
+ATTENTION_IMPLS = ("softmax", "xla", "cudnn", "splash", "auto")
 POSITIONS = ("learned", "rope")  # a learned embedding per position (wpe) | rotary q and k
 
 
@@ -39,7 +41,8 @@ class GPTConfig:
     # "fused": all heads in one batched op (CausalSelfAttention, exercise 1, nanoGPT) |
     # "heads": one `Head` module per head (the lecture)
     attention: str = _key("fused", weights=True)
-    # the fused path: explicit softmax | a kernel of attention.py's KERNELS ("xla", "cudnn")
+    # the fused path: explicit softmax | a kernel of attention.py's KERNELS ("xla", "cudnn",
+    # "splash": Pallas, TPU; interpreted elsewhere) | "auto" (splash on a TPU if it fits, else xla)
     attention_impl: str = _key("softmax")
     # gelu (nanoGPT, exact erf) | gelu_tanh (GPT-2's original) | relu (the lecture)
     activation: str = _key("gelu", weights=True)
@@ -72,6 +75,7 @@ class GPTConfig:
         _one_of("activation", self.activation, ACTIVATIONS)
         _one_of("attention", self.attention, ATTENTIONS)
         _one_of("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        splash.check(self)
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("position", self.position, POSITIONS)
         if self.position == "rope" and self.head_size % 2:

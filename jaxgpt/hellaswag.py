@@ -154,7 +154,8 @@ class Scorer:
         self.sharding = parallel.batch_sharding(mesh)
         self.shape = (self.batch_size, ENDINGS, T)
         self.rows = parallel.local_rows(self.sharding, self.shape, 0)  # this process's part
-        self.score = jax.jit(functools.partial(completion_losses, model.apply),
+        score = functools.partial(completion_losses, model.apply)
+        self.score = jax.jit(parallel.traced_in(mesh, score),  # the kernels see the mesh
                              out_shardings=parallel.replicated(mesh))
 
     def _put(self, array, start: int) -> jax.Array:

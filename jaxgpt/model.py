@@ -142,7 +142,7 @@ class CausalSelfAttention(nn.Module):
     def attend(self, q, k, v, pos, deterministic):
         """q (B, nh, T, hs), k, v (B, nh, S, hs) -> (B, nh, T, hs), query t at position pos + t."""
         cfg = self.config
-        kernel = attention.KERNELS.get(cfg.attention_impl)
+        kernel = attention.kernel_for(cfg)
         if kernel and (deterministic or cfg.dropout == 0.0):
             return kernel(q, k, v, pos)  # a fused kernel has no attention dropout
         wei = attention.softmax_weights(q, k, pos)  # (B, nh, T, S)

@@ -62,6 +62,20 @@ def make_mesh(config, devices=None) -> Mesh:
                          axis_types=(AxisType.Auto, AxisType.Auto))
 
 
+def traced_in(mesh: Mesh, fn):
+    """`fn` traced with `mesh` as the abstract mesh in context, for `jax.jit`: code that must
+    know the mesh while tracing (the splash kernel runs under shard_map over its batch axes)
+    finds it with `jax.sharding.get_abstract_mesh()`."""
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    # jit names the program after the function: keep fn's (a partial: its function's)
+    traced.__name__ = getattr(fn, "__name__", getattr(getattr(fn, "func", None), "__name__",
+                                                      "traced"))
+    return traced
+
+
 def one_device_mesh(device=None) -> Mesh:
     """A 1 x 1 mesh on `device`, by default the first (sampling, loading a workdir)."""
     return jax.make_mesh((1, 1), ("data", "fsdp"), devices=[device or jax.devices()[0]],

@@ -30,6 +30,7 @@ from jaxgpt import (
     pretrained,
     profiling,
     progress,
+    splash,
     step,
 )
 from jaxgpt import batches as batches_lib
@@ -70,7 +71,7 @@ def setup(config, *, dataset=None, mesh=None) -> Setup:
     shardings = jax.tree.map(lambda x: x.sharding, state)
     return Setup(dataset, model, mesh, state, source,
                  step.jit_train_steps(shardings, source.train_batch),
-                 step.jit_eval_loss(state.apply_fn, source.eval_batch))
+                 step.jit_eval_loss(state.apply_fn, source.eval_batch, mesh))
 
 
 def eval_measures(config, s: Setup) -> list[Callable]:
@@ -373,7 +374,11 @@ def announce(config, s: Setup, state, resumed, workdir, say) -> None:
     else:
         say(f"number of parameters: {count_params(state.params) / 1e6:.2f}M {devices}")
     why = f" (auto: {auto_dtype()[1]})" if config.dtype == "auto" else ""
-    say(f"compute dtype: {resolve_dtype(config.dtype)}{why}")
+    line = f"compute dtype: {resolve_dtype(config.dtype)}{why}"
+    if config.model == "gpt" and config.attention == "fused":  # the lecture's heads: softmax
+        impl, why = splash.resolve_impl(config, jax.default_backend())
+        line += f"; attention: {impl}" + (f" ({why})" if config.attention_impl == "auto" else "")
+    say(line)
 
 
 def out_of_memory(config) -> str:
