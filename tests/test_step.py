@@ -12,7 +12,7 @@ import numpy as np
 from jaxgpt import batches
 from jaxgpt import step as step_lib
 from jaxgpt.model import GPT, GPTConfig
-from tests.conftest import fresh_state
+from tests.conftest import fresh_state, tiny
 
 
 def np_cross_entropy(logits, targets) -> float:
@@ -50,15 +50,16 @@ def test_remat_gives_the_same_grads():
         np.testing.assert_allclose(g2, g1, atol=1e-6)
 
 
-def test_one_call_of_n_steps_is_n_steps_each_with_its_own_keys(tiny_config):
+def test_one_call_of_n_steps_is_n_steps_each_with_its_own_keys(text_file):
     """train_steps scans train_step; step s draws its batch and its dropout from
     fold_in(root, s), so the steps of one call are the steps called one by one."""
-    tiny_config.dropout = 0.1  # the dropout keys matter too
-    dataset, _, _, state = fresh_state(tiny_config)
+    config = tiny(text_file, n_layer=1, n_head=2, n_embd=16, block_size=8,
+                  dropout=0.1)  # the dropout keys matter too
+    dataset, _, _, state = fresh_state(config)
     data = jnp.asarray(dataset.train)
 
     def train_batch(data, i, key):
-        x, y = batches.get_batch(data, key, 4, 16)  # (B, T)
+        x, y = batches.get_batch(data, key, 4, 8)  # (B, T)
         return x[None], y[None]  # (1, B, T)
 
     scanned, metrics = jax.jit(functools.partial(
@@ -89,8 +90,9 @@ def test_eval_loss_is_the_mean_over_its_batches_without_dropout():
     got = step_lib.jit_eval_loss(model.apply, eval_batch)(params, data, keys)
     want = []
     for key in keys:
-        x, y = eval_batch(data, 0, key)
-        want.append(np_cross_entropy(model.apply({"params": params}, x), y))  # deterministic
+        x, y = jax.jit(eval_batch)(data, 0, key)
+        logits = jax.jit(model.apply)({"params": params}, x)  # deterministic by default
+        want.append(np_cross_entropy(logits, y))
     np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)
 
 
