@@ -1,7 +1,6 @@
 """Runs that start from weights (finetuning), eval_only, sample.py --init_from, and the data
 side: nanoGPT's `shakespeare` (BPE) dataset, a char vocabulary shared by two runs."""
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -49,15 +48,25 @@ def pretrained_workdir(tmp_path_factory):
     return d / "run"
 
 
-def test_init_from_workdir_starts_at_step_0_with_its_params(pretrained_workdir, tmp_path):
+def test_init_from_workdir_starts_at_step_0_with_its_params(pretrained_workdir, tmp_path,
+                                                            monkeypatch, capsys):
     text = tmp_path / "other.txt"
     text.write_text(synthetic_text(8000, seed=5))  # a different text over the same characters
     config = finetune_config(text, pretrained_workdir)
-    with contextlib.ExitStack() as stack:  # closes the checkpoint manager it opens
-        config, _, state, resumed, _ = training.starting_point(config, tmp_path / "ft", stack)
+    started = {}  # train()'s whole start-up, then the loop's starting point instead of a run
+
+    def run(loop, state):
+        started.update(state=state, model_config=loop.s.model.config)
+        return state
+
+    monkeypatch.setattr(training.Loop, "run", run)
+    training.train(config, tmp_path / "ft")
+    state, model_config = started["state"], started["model_config"]
     source = pretrained.load_run(pretrained_workdir)
-    assert resumed is None and int(state.step) == 0 and source.step == 10
-    assert (config.n_layer, config.n_embd, config.block_size) == (2, 32, 16)  # from the weights
+    out = capsys.readouterr().out  # the finetune's own run is new: nothing to resume
+    assert "starting from the weights of" in out and "resuming" not in out
+    assert int(state.step) == 0 and source.step == 10
+    assert (model_config.n_layer, model_config.n_embd, model_config.block_size) == (2, 32, 16)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(source.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # a fresh AdamW: step counts and both moments all zero (a carried-over state is not)
