@@ -94,6 +94,27 @@ def test_no_figure_in_the_prose_contradicts_the_outputs():
             "timings belong in computed outputs, not in the prose"
 
 
+def test_run_times_stated_up_front_are_the_saved_runs():
+    """The intro's table of run times (minutes on the CPU) against the last cell's printed
+    seconds per part, from the same run as the saved outputs."""
+    nb = jupytext.read(NOTEBOOK)
+    intro = next(c.source for c in nb.cells if "How long it takes" in c.source)
+    rows = dict(re.findall(r"^\| (.+?) \| (.+?) \|$", intro, re.M))
+    last = [c for c in nb.cells if c.cell_type == "code"][-1]
+    printed = {name.strip(): float(seconds) for seconds, name in re.findall(
+        r"^\s*([\d.]+) s  (.+)$", "".join(o.get("text", "") for o in last.outputs), re.M)}
+    assert "in all (every cell)" in rows and "in all (every cell)" in printed
+    for part, seconds in printed.items():
+        assert part in rows, f"{part!r} is missing from the table up front"
+        stated = rows[part]
+        if stated == "under a minute":
+            assert seconds < 60, (part, seconds)
+        else:
+            minutes = float(re.fullmatch(r"(\d+) min", stated).group(1))
+            assert abs(minutes - seconds / 60) <= max(1, 0.2 * seconds / 60), \
+                (part, stated, seconds)
+
+
 def test_prose_numbers_finds_what_it_checks():
     found = dict(prose_numbers("A val loss of 1.48 `x = 0.5` here. Then 2.07: done"))
     assert set(found) == {"1.48", "2.07"}
