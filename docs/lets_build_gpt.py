@@ -1038,8 +1038,11 @@ class GPTLanguageModel(nn.Module):
 
 n_embd = 32  # the lecture's size for the story: 32 wide, a context of 8, batches of 32
 small = functools.partial(GPTLanguageModel, vocab_size, n_embd, block_size)
-print(jax.tree.map(jnp.shape, small(body=(Head(n_embd),)).init(
-    jax.random.fold_in(init_key, 4), train_data[None, :block_size])["params"]))
+one_head_params = small(body=(Head(n_embd),)).init(jax.random.fold_in(init_key, 4),
+                                                  train_data[None, :block_size])["params"]
+print(jax.tree.map(jnp.shape, one_head_params))  # body_0: the body's first module
+print(f"token embeddings at init: std "
+      f"{float(one_head_params['token_embedding_table']['embedding'].std()):.3f}")
 
 # %% [markdown]
 # Does the order of the past reach the prediction? Swap the first two tokens of a context and
@@ -1617,8 +1620,8 @@ print(decode(out[0].tolist()))
 from configs import lecture  # noqa: E402
 
 full = lecture.get_config()  # gpt.py's sizes and training settings
-if SMALL:  # CI: a tiny run through the same code, stopped halfway and resumed
-    full.update(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8, max_iters=20,
+if SMALL:  # CI: a tiny run through the same code
+    full.update(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8, max_iters=10,
                 eval_interval=10, eval_iters=2)
 full_gpt = GPTLanguageModel(vocab_size, full.n_embd, full.block_size, ln_f=True, body=tuple(
     Block(full.n_embd, full.n_head, full.dropout) for _ in range(full.n_layer)))
@@ -1632,12 +1635,12 @@ if FULL_SIZE or SMALL:
                     block_size=full.block_size, name="your GPT, full size",
                     ckpt_dir=FULL_SIZE_DIR if FULL_SIZE else runs_dir / "full_size")
     with timed("full size, your GPTLanguageModel"):
-        if SMALL:  # as if the session had disconnected halfway
-            train(full_gpt, max_iters=full.max_iters // 2, **settings)
         full_params, full_curve = train(full_gpt, max_iters=full.max_iters, **settings)
+        if SMALL:  # CI: the same call again finds the last save and has nothing left to do
+            full_params, full_curve = train(full_gpt, max_iters=full.max_iters, **settings)
     full_jaxgpt = model.make_model(full, vocab_size)  # to sample through jaxgpt's sampler
     out = sampling.generate(full_jaxgpt, to_jaxgpt(full_params, full.n_layer, full.n_head), idx,
-                            500, rng=sample_keys[5], temperature=1.0)
+                            30 if SMALL else 500, rng=sample_keys[5], temperature=1.0)
     print(decode(out[0].tolist()))
 else:
     print("FULL_SIZE is off on a CPU: set FULL_SIZE = True at the top (or "
