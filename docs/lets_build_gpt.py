@@ -65,8 +65,8 @@
 #
 # RUNTIME_TABLE
 #
-# On a GPU or TPU runtime the same cells run unchanged and faster (not measured here), and the
-# full-size switch below, on by default there, also trains your model at the lecture's full
+# On a GPU or TPU runtime the same cells run unchanged (their times are not measured here), and
+# the full-size switch below, on by default there, also trains your model at the lecture's full
 # size — the lecture's own result, from your own code.
 #
 # Solutions to the exercises at the end start hidden (in Colab as forms: double-click to show
@@ -152,7 +152,7 @@ def pip_install(source):
     before = {name: m.__version__ for name, m in list(sys.modules.items())
               if "." not in name and isinstance(getattr(m, "__version__", None), str)}
     print(f"pip install '{req}'")
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", req],
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-color", req],
                           capture_output=True, text=True)
     if done.returncode != 0:
         lines = [l.strip() for l in (done.stderr + done.stdout).splitlines() if l.strip()]

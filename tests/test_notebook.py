@@ -54,6 +54,17 @@ def test_the_notebook_writes_the_lectures_modules_itself():
         assert f"### EX{n}:" in source and "Try it first" in source
 
 
+def test_solutions_start_hidden_in_jupyter_and_colab():
+    """Jupyter hides a cell's code with jupyter.source_hidden, Colab with cellView "form" (the
+    cell's `# @title` line is what it shows)."""
+    solutions = [c for c in jupytext.read(NOTEBOOK).cells if "@title EX" in c.source]
+    assert len(solutions) == 4
+    for c in solutions:
+        assert c.metadata.get("cellView") == "form", c.source[:40]
+        assert c.metadata.get("jupyter", {}).get("source_hidden") is True, c.source[:40]
+        assert c.source.startswith("# @title EX"), c.source[:40]
+
+
 # a figure in prose is either attributed (the lecture's, nanoGPT's, a paper's) or a value the
 # notebook computed: then its outputs hold it (to the digits the prose gives) or a recipe sets it
 ATTRIBUTED = re.compile(r"lecture|nanoGPT|reports|OpenAI|GPT-3|paper|Su et al", re.I)

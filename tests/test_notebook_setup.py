@@ -10,6 +10,7 @@ and only jaxgpt itself.
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -157,9 +158,12 @@ def test_wheel_path(runtime, monkeypatch):
 
 
 def one_line_error(out):
-    assert out.startswith("ERROR setup: "), out
-    assert "\n" not in out.strip() and "Traceback" not in out, out  # one line, no traceback
-    return out
+    """The cell's error: one line, no traceback (after at most the `pip install ...` line)."""
+    printed, _, error = out.partition("ERROR ")
+    assert printed == "" or re.fullmatch(r"pip install '[^\n]+'\n", printed), out
+    assert error.startswith("setup: ") and "\n" not in error.strip(), out
+    assert "Traceback" not in out and "\x1b" not in out, out  # no traceback, no colour codes
+    return error
 
 
 def test_nothing_found_says_what_to_run(runtime):
