@@ -60,10 +60,20 @@
 #
 # jaxgpt needs Python 3.12 or newer (Colab's is).
 #
-# **How long it takes.** Every cell runs on a laptop CPU. Measured on a 2-core CPU (the saved
-# outputs' run; the last cell prints the times of your run):
+# **How long it takes.** Every cell runs on a laptop CPU. Measured on a 2-core CPU that other
+# work shared while it ran, so a quiet one is faster (the saved outputs' run; the last cell
+# prints the times of your run):
 #
-# RUNTIME_TABLE
+# | part | measured on a 2-core CPU |
+# |---|---|
+# | the lecture's steps, trained one by one | 9 min |
+# | the scaled-up GPT, your modules | 12 min |
+# | training.train, configs/lecture_cpu.py | 10 min |
+# | training.train, configs/shakespeare_cpu.py | 4 min |
+# | sampling | under a minute |
+# | exercises | 11 min |
+# | full size, your GPTLanguageModel | off on a CPU (a GPU or TPU runtime: not measured here) |
+# | in all (every cell) | 50 min |
 #
 # On a GPU or TPU runtime the same cells run unchanged (their times are not measured here), and
 # the full-size switch below, on by default there, also trains your model at the lecture's full
@@ -683,8 +693,8 @@ print(decode(generate_loop(params, start, 300, sample_keys[1])[0].tolist()))
 # **The functional lens: `jax.lax.scan` for the sampler.** The loop above returns to Python
 # after every token, and its `idx` changes shape at every step. A sampler that is one compiled
 # program carries a fixed-shape state through `jax.lax.scan` instead: here the last token, since
-# the bigram looks at nothing else. Given the same keys — the one place this notebook uses a key
-# twice, on purpose — it draws exactly the same tokens as the loop.
+# the bigram looks at nothing else. Given the same keys as the loop — reused on purpose, to
+# compare the two — it draws exactly the same tokens.
 
 # %%
 @jax.jit
@@ -1832,8 +1842,8 @@ print("12+34= ->", add_decode(c_digits), "-> read back reversed:", add_decode(c_
 # which ships with Python (`pydoc_data`), English prose of about half a million characters,
 # written in Shakespeare's 65 characters (any other character becomes a space). The model is
 # the story's last small one (3 blocks with LayerNorm, 32 wide): pretrained on the documentation
-# for the story's number of steps — at that size no gap opens between train and val loss, the
-# exercise's condition — then finetuned on Shakespeare for a tenth of them at a third of the
+# for the story's number of steps — at that size the gap between its train and val loss stays a
+# few hundredths at most, the exercise's condition — then finetuned on Shakespeare for a tenth of them at a third of the
 # learning rate, against the same model trained on Shakespeare alone for the same short budget
 # at the story's rate. `--config.init_from=WORKDIR` does the same for `train.py`'s runs
 # ([finetuning.md](finetuning.md): the King James Bible, then Shakespeare, at a larger size).
