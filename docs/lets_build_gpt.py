@@ -19,32 +19,68 @@
 # This notebook walks the path of Andrej Karpathy's lecture *Let's build GPT: from scratch, in
 # code, spelled out* in JAX and Flax instead of PyTorch. As in the lecture, you write the model
 # yourself, cell by cell — `Head`, `MultiHeadAttention`, `FeedForward`, `Block`, the GPT — and
-# train each step briefly, so the lecture's story of a falling validation loss comes out of this
+# train each step, so the lecture's story of a falling validation loss comes out of this
 # notebook's own runs. Then the notebook checks that what you wrote is exactly
 # `jaxgpt.model.GPT` with the lecture's settings (`attention="heads"`), and only after that shows
 # what nanoGPT changes and what each change buys.
 #
+# **What the lecture builds, and why.** ChatGPT is a language model: given a text, it predicts
+# what comes next, one token at a time, and samples from that prediction — a probabilistic
+# system, so one prompt gives many answers. The network underneath is the Transformer of the
+# 2017 paper "Attention is all you need"; GPT stands for *generatively pretrained transformer*.
+# Training ChatGPT itself takes a large slice of the internet and a great deal of compute; the
+# lecture trains the same kind of model, a character-level decoder-only Transformer, on a small
+# text — tiny Shakespeare, about a million characters — until it writes text that looks like
+# Shakespeare. nanoGPT is the lecture author's repository that trains such models (up to GPT-2)
+# on one file of model code and one of training code; jaxgpt is both, in JAX.
+#
 # The style is functional: a module holds no weights, parameters are a value you pass in,
 # randomness is a key you pass in, and a training step is a pure function that `jax.jit`
 # compiles once. Where the lecture writes a PyTorch line, a comment often shows it beside the JAX
-# one. Sections end with where the idea lives in `jaxgpt` and which test checks it;
-# [lecture.md](lecture.md) has the whole table.
+# one; paragraphs marked **the functional lens** explain the JAX idiom a cell uses. Sections end
+# with where the idea lives in `jaxgpt` and which test checks it; [lecture.md](lecture.md) has
+# the whole table.
 #
 # **Running it.** The next cell sets up any runtime:
 #
 # - *a checkout* (`pip install -e ".[notebook]"` installs Jupyter too, then `jupyter lab
 #   docs/lets_build_gpt.ipynb`): it finds the checkout and installs nothing;
-# - *Colab* (File → Open notebook → GitHub, or upload `docs/lets_build_gpt.ipynb`): first clone
-#   the repository into `/content/jaxgpt` (`!git clone <the repository's URL> /content/jaxgpt`)
-#   or set `JAXGPT_SOURCE` to anything pip can install jaxgpt from (a git URL, a wheel). The cell
-#   pip-installs jaxgpt with the extra the runtime needs — `[cuda12]` on a GPU runtime, `[tpu]`
-#   on a TPU runtime, none on a CPU one — plus matplotlib. A fresh install needs no restart; if
-#   pip had to replace a package this kernel had already imported, the cell says so and asks
-#   for *Runtime → Restart session*, then run it again.
+# - *Colab* (File → Upload notebook, `docs/lets_build_gpt.ipynb`): jaxgpt is not on PyPI, so
+#   first give the runtime a copy, in a cell of its own, then run the setup cell:
+#   - a clone: `!git clone REPOSITORY_URL /content/jaxgpt` (REPOSITORY_URL: the URL of this
+#     project's git repository; any folder one or two levels below the working folder works), or
+#   - `%env JAXGPT_SOURCE=git+REPOSITORY_URL` (a git URL), a folder holding a checkout, or the
+#     path of a jaxgpt wheel you uploaded (`%env JAXGPT_SOURCE=/content/jaxgpt-0.1.0-py3-none-any.whl`).
 #
-# jaxgpt needs Python 3.12 or newer. Every cell runs on a laptop CPU; the last cell prints how
-# long each part took on the machine that ran it (for the saved outputs: the CPU named in the
-# next cell's output). On a GPU or TPU runtime the same cells run unchanged.
+#   The cell pip-installs jaxgpt from it with the extra the runtime needs — `[cuda12]` on a GPU
+#   runtime, `[tpu]` on a TPU runtime, none on a CPU one — plus matplotlib. A fresh install needs
+#   no restart; if pip had to replace a package this kernel had already imported, the cell says
+#   so and asks for *Runtime → Restart session*, then run it again. When something is missing it
+#   prints one line that says what to run.
+#
+# jaxgpt needs Python 3.12 or newer (Colab's is).
+#
+# **How long it takes.** Every cell runs on a laptop CPU. Measured on a 2-core CPU that other
+# work shared while it ran, so a quiet one is faster (the saved outputs' run; the last cell
+# prints the times of your run):
+#
+# | part | measured on a 2-core CPU |
+# |---|---|
+# | the lecture's steps, trained one by one | 9 min |
+# | the scaled-up GPT, your modules | 12 min |
+# | training.train, configs/lecture_cpu.py | 10 min |
+# | training.train, configs/shakespeare_cpu.py | 4 min |
+# | sampling | under a minute |
+# | exercises | 11 min |
+# | full size, your GPTLanguageModel | off on a CPU (a GPU or TPU runtime: not measured here) |
+# | in all (every cell) | 50 min |
+#
+# On a GPU or TPU runtime the same cells run unchanged (their times are not measured here), and
+# the full-size switch below, on by default there, also trains your model at the lecture's full
+# size — the lecture's own result, from your own code.
+#
+# Solutions to the exercises at the end start hidden (in Colab as forms: double-click to show
+# the code): try each exercise first.
 
 # %%
 import importlib
@@ -56,16 +92,43 @@ import subprocess
 import sys
 from pathlib import Path
 
+
+class SetupError(Exception):
+    """A setup problem a user can act on: IPython shows its one line, no traceback."""
+
+    def _render_traceback_(self):
+        return [f"setup: {self}"]
+
+
+NOT_FOUND = ("jaxgpt is not installed and no copy of it is here: in Colab run  "
+             "!git clone REPOSITORY_URL /content/jaxgpt  (REPOSITORY_URL: this project's git URL) "
+             "or  %env JAXGPT_SOURCE=git+REPOSITORY_URL  (or a folder, or a .whl path) in a cell "
+             "of its own, then run this cell again; elsewhere: pip install -e PATH_TO_CHECKOUT")
+
 if sys.version_info < (3, 12):
-    raise SystemExit(f"jaxgpt needs Python 3.12 or newer; this kernel runs {sys.version.split()[0]}")
+    raise SetupError(f"jaxgpt needs Python 3.12 or newer; this kernel runs {sys.version.split()[0]}")
+
+
+def is_package(name):
+    """Whether `import name` gives a real package. A folder named `name` in a folder on sys.path
+    (a clone at /content/jaxgpt, with /content on sys.path) imports as an empty namespace
+    package: found by find_spec, but without an origin (no __init__.py)."""
+    spec = importlib.util.find_spec(name)
+    return spec is not None and spec.origin is not None
+
+
+def is_checkout(d):
+    return (d / "jaxgpt" / "__init__.py").is_file() and (d / "pyproject.toml").is_file()
 
 
 def find_checkout():
-    """A jaxgpt checkout: this directory or one above it (docs/ of a clone), or Colab's clone."""
-    for d in (Path.cwd(), *Path.cwd().parents, Path("/content/jaxgpt")):
-        if (d / "jaxgpt" / "__init__.py").is_file() and (d / "pyproject.toml").is_file():
-            return d
-    return None
+    """A jaxgpt checkout: this folder or one above it (docs/ of a clone), Colab's
+    /content/jaxgpt, or a clone one or two folders below this one."""
+    here = Path.cwd()
+    below = sorted(p.parent.parent for pattern in ("*/jaxgpt/__init__.py", "*/*/jaxgpt/__init__.py")
+                   for p in here.glob(pattern))
+    return next((d for d in (here, *here.parents, Path("/content/jaxgpt"), *below)
+                 if is_checkout(d)), None)
 
 
 def accelerator_extra():
@@ -76,40 +139,67 @@ def accelerator_extra():
     return "cuda12" if shutil.which("nvidia-smi") else None
 
 
+def requirement(source, extras):
+    """pip's requirement for `source`: a URL (git+https://..., git+file://..., a wheel's URL),
+    a checkout folder, or a wheel (or sdist) file, with jaxgpt's extras."""
+    tag = f"[{extras}]" if extras else ""
+    if "://" in source:
+        if not source.startswith("git+") and not source.endswith((".whl", ".tar.gz", ".zip")):
+            source = "git+" + source  # https://host/owner/jaxgpt(.git): a git repository
+        return f"jaxgpt{tag} @ {source}"
+    path = Path(source).expanduser().resolve()
+    if path.is_dir():
+        return f"{path}{tag}"
+    if path.is_file():  # a file takes extras only as a file:// URL
+        return f"jaxgpt{tag} @ {path.as_uri()}"
+    raise SetupError(f"JAXGPT_SOURCE={source}: no such folder or file, and not a URL "
+                     "(a git URL starts with git+https://)")
+
+
 def pip_install(source):
-    """Install jaxgpt (non-editable: importable at once, no restart) with this runtime's extras."""
-    extras = ",".join(e for e in ("plot", accelerator_extra()) if e)
-    req = f"{source}[{extras}]" if Path(source).is_dir() else f"jaxgpt[{extras}] @ {source}"
+    """Install jaxgpt (not editable: importable at once, no restart) with this runtime's extras."""
+    req = requirement(source, ",".join(e for e in ("plot", accelerator_extra()) if e))
     before = {name: m.__version__ for name, m in list(sys.modules.items())
               if "." not in name and isinstance(getattr(m, "__version__", None), str)}
-    print("pip install", req)
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", req])
+    print(f"pip install '{req}'")
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-color", req],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [l.strip() for l in (done.stderr + done.stdout).splitlines() if l.strip()]
+        error = next((l for l in lines if l.startswith("ERROR")), lines[-1] if lines else "")
+        raise SetupError(f"pip could not install {req}: {error or done.returncode}")
     importlib.invalidate_caches()
     for name, version in before.items():  # a package this kernel already imported changed
         try:
             if importlib.metadata.version(name) != version:
-                raise SystemExit(f"pip replaced {name} {version}, which this kernel had already "
+                raise SetupError(f"pip replaced {name} {version}, which this kernel had already "
                                  "imported: restart the runtime (Colab: Runtime > Restart "
                                  "session), then run this cell again")
         except importlib.metadata.PackageNotFoundError:
             pass
 
 
+def deps_installed():
+    return all(importlib.util.find_spec(m) for m in ("jax", "flax", "optax", "ml_collections"))
+
+
+if "jaxgpt" in sys.modules and getattr(sys.modules["jaxgpt"], "__file__", None) is None:
+    del sys.modules["jaxgpt"]  # the namespace package an earlier run of this cell imported
 checkout = find_checkout()
-if importlib.util.find_spec("jaxgpt") is None:
-    source = os.environ.get("JAXGPT_SOURCE") or checkout
-    if source is None:
-        raise SystemExit("jaxgpt is not installed and no checkout is here: clone the repository "
-                         "(Colab: !git clone <its URL> /content/jaxgpt) or set JAXGPT_SOURCE to "
-                         "a pip-installable source, then run this cell again")
-    if checkout is not None and not os.environ.get("JAXGPT_SOURCE") and "google.colab" not in sys.modules:
-        sys.path.insert(0, str(checkout))  # a checkout that is not installed: use it in place
+if not is_package("jaxgpt"):
+    source = os.environ.get("JAXGPT_SOURCE")
+    if source is None and checkout in (Path.cwd(), *Path.cwd().parents) and deps_installed():
+        sys.path.insert(0, str(checkout))  # the checkout this notebook runs from: use it in place
+    elif source or checkout:
+        pip_install(source or str(checkout))
     else:
-        pip_install(source)
+        raise SetupError(NOT_FOUND)
 
 import jaxgpt  # noqa: E402  after the install
 
-if importlib.util.find_spec("configs") is None and checkout is not None:
+if getattr(jaxgpt, "__file__", None) is None:
+    raise SetupError(f"jaxgpt imports as an empty folder ({list(jaxgpt.__path__)}): {NOT_FOUND}")
+if not is_package("configs") and checkout is not None:
     sys.path.insert(0, str(checkout))  # an old install without the recipes: the checkout's
 print(f"jaxgpt from {Path(jaxgpt.__file__).parent}; Python {sys.version.split()[0]}; "
       f"{os.cpu_count()} CPU cores")
@@ -118,8 +208,8 @@ print(f"jaxgpt from {Path(jaxgpt.__file__).parent}; Python {sys.version.split()[
 import contextlib
 import functools
 import io
-import json
 import math
+import re
 import tempfile
 import time
 import urllib.request
@@ -130,16 +220,18 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from absl import logging as absl_logging
-from IPython.display import Image, Markdown, display
+from IPython.display import Markdown, display
 
-from jaxgpt import batches, model, plot, pretrained, sampling, training
+from jaxgpt import attention, batches, model, plot, pretrained, sampling, training
 from jaxgpt.tokenizer import CharTokenizer
 
 absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's informational warnings
 print(f"jax {jax.__version__} on {jax.devices()[0].platform}: {jax.devices()}")
 
 TIMES = {}  # seconds per part of the notebook, printed at the end
+T_START = time.perf_counter()
 
 
 @contextlib.contextmanager
@@ -150,17 +242,23 @@ def timed(part):
 
 
 # %% [markdown]
-# **Parameters.** `JAXGPT_NOTEBOOK_SMALL=1` shrinks every training run so that CI executes
-# every cell in a few minutes; the numbers printed are then not the lecture's. `TRAIN_LECTURE`
-# (or `JAXGPT_NOTEBOOK_LECTURE=1`) also trains the lecture's full model near the end: meant for
-# a GPU/TPU runtime.
+# **Parameters.** `FULL_SIZE` trains your model at the lecture's full size near the end: on by
+# default on a GPU or TPU runtime, off on a CPU (where it would take hours); set it here, or
+# `JAXGPT_NOTEBOOK_FULL=1` / `0` before starting. `FULL_SIZE_DIR` is where that run keeps its
+# checkpoints: point it at a mounted Google Drive folder and a Colab session that disconnects
+# resumes where it stopped. `JAXGPT_NOTEBOOK_SMALL=1` shrinks every training run so that CI
+# executes every cell in a few minutes; the numbers printed are then not the lecture's.
 
 # %%
 SMALL = os.environ.get("JAXGPT_NOTEBOOK_SMALL") == "1"
-TRAIN_LECTURE = os.environ.get("JAXGPT_NOTEBOOK_LECTURE") == "1"
+ACCELERATOR = jax.devices()[0].platform != "cpu"  # a GPU or TPU runtime
+FULL_SIZE = os.environ.get("JAXGPT_NOTEBOOK_FULL", "1" if ACCELERATOR else "0") == "1"
+FULL_SIZE_DIR = Path("runs") / "notebook_full_size"  # e.g. /content/drive/MyDrive/jaxgpt_full
 STAGE_ITERS = 100 if SMALL else 5000  # each step of the lecture's story: its 5000 iterations
 STAGE_EVAL_ITERS = 4 if SMALL else 200  # batches per split in each eval: the lecture's 200
+BIGRAM_ITERS = 100 if SMALL else 3000  # bigram.py's 3000 iterations
 SCALED_ITERS = 30 if SMALL else 2000  # the laptop-size GPT: configs/lecture_cpu.py's 2000
+print(f"FULL_SIZE={FULL_SIZE} ({jax.devices()[0].platform}); SMALL={SMALL}")
 
 
 def small_run(c):
@@ -169,6 +267,9 @@ def small_run(c):
         c.n_layer, c.n_embd, c.block_size = 2, 64, 32
         c.eval_interval, c.eval_iters, c.steps_per_call = 10, 2, 10
     return c
+
+
+runs_dir = Path(tempfile.mkdtemp(prefix="jaxgpt_notebook_"))  # this session's runs
 
 # %% [markdown]
 # ## Reading the data
@@ -189,7 +290,7 @@ if not DATA_PATH.is_file():
     try:
         urllib.request.urlretrieve(URL, part)
     except OSError as e:
-        raise SystemExit(f"could not download {URL} ({e}); offline? download it elsewhere and "
+        raise SetupError(f"could not download {URL} ({e}); offline? download it elsewhere and "
                          "set JAXGPT_SHAKESPEARE=/path/to/input.txt before starting") from None
     part.replace(DATA_PATH)  # only a complete file gets the real name
 text = DATA_PATH.read_text(encoding="utf-8")
@@ -267,19 +368,26 @@ for t in range(block_size):
 # %% [markdown]
 # **The functional lens: explicit random keys.** PyTorch draws from a global generator
 # (`torch.manual_seed(1337)`, then `torch.randint(...)`). JAX has no hidden state: a random
-# function takes a key, and *the same key gives the same numbers* — so never use one key twice
-# for two different purposes, or the two draws are correlated. Two ways to make new keys:
-# `jax.random.split(key, n)` makes n independent keys from one (used for things that each need
-# their own: parameters, batches, dropout, sampling), and `jax.random.fold_in(key, i)` makes the
-# i-th key of a stream. A training loop takes step `s`'s batch key as `fold_in(batch_key, s)` —
-# so step 1234's batch is the same whether or not steps 0..1233 ran in this process (which is how
-# a resumed run continues the same stream). `batches.get_batch` is the lecture's `get_batch` as
-# a pure function of (data, key), so it can run inside a compiled step.
+# function takes a key, and *the same key gives the same numbers*. So a key is used for one
+# draw only: two draws that should be independent — two layers' weights, two steps' batches —
+# must get two keys, or they come out the same. Two ways to make new keys:
+# `jax.random.split(key, n)` makes n independent keys from one, and `jax.random.fold_in(key, i)`
+# makes the i-th key of a stream. A training loop takes step `s`'s batch key as
+# `fold_in(batch_key, s)` — so step 1234's batch is the same whether or not steps 0..1233 ran in
+# this process (which is how a resumed run continues the same stream). `batches.get_batch` is
+# the lecture's `get_batch` as a pure function of (data, key), so it can run inside a compiled
+# step.
+#
+# `jax.random.key(1337)` makes a *typed* key: a scalar of a key dtype (`key<fry>`), which JAX
+# refuses to add or multiply by mistake. Older code, and many tutorials, use
+# `jax.random.PRNGKey(1337)`, the legacy form: a raw `uint32[2]` array holding the same bits.
+# Every `jax.random` function takes either; new code should make typed keys.
 
 # %%
-root = jax.random.PRNGKey(1337)  # PyTorch: torch.manual_seed(1337)
-batch_key, init_key, dropout_key, sample_key, demo_key = jax.random.split(root, 5)
-print("five different keys:", jax.random.key_data(batch_key)[:2], jax.random.key_data(init_key)[:2])
+root = jax.random.key(1337)  # PyTorch: torch.manual_seed(1337)
+batch_key, init_key, train_key, sample_key, demo_key = jax.random.split(root, 5)
+print(root.dtype, root.shape, "| legacy:", jax.random.PRNGKey(1337).dtype,
+      jax.random.PRNGKey(1337).shape, "| the same bits:", jax.random.key_data(root))
 
 batch_size = 4  # how many independent sequences will we process in parallel?
 xb, yb = batches.get_batch(train_data, jax.random.fold_in(batch_key, 0), batch_size, block_size)
@@ -303,7 +411,7 @@ for b in range(batch_size):  # batch dimension
 # *pytree*) — and `m.apply({"params": params}, idx)` is the forward pass as a function of them.
 # PyTorch's `model = BigramLanguageModel(vocab_size)` creates the weights inside the object; here
 # nothing is hidden. `@nn.compact` lets `__call__` declare its layers inline, as PyTorch's
-# `__init__` + `forward` together.
+# `__init__` + `forward` together (the other style, `setup`, comes with multi-head attention).
 
 # %%
 class BigramLanguageModel(nn.Module):
@@ -325,8 +433,9 @@ def loss_fn(m, params, xb, yb, key=None):
     """Mean cross-entropy of m's logits against the targets; `key`: dropout's, when training."""
     logits = m.apply({"params": params}, xb, deterministic=key is None,
                      rngs={"dropout": key} if key is not None else {})  # (B, T, C)
-    # PyTorch's F.cross_entropy wants (B*T, C) logits and (B*T,) targets, hence the lecture's
-    # view(B*T, C); optax's takes any leading shape: (B, T, C) logits, (B, T) targets
+    # F.cross_entropy wants the classes in dimension 1 — (N, C), or (B, C, T) — hence the
+    # lecture's view(B*T, C), and averages by default; optax's wants them last, takes any
+    # leading shape and returns one loss per position: (B, T, C), (B, T) -> (B, T), so .mean()
     return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
 
@@ -352,11 +461,14 @@ print("same as jaxgpt's:", np.allclose(
 #
 # **Generation**, the lecture's loop: take the logits at the last position, sample, append,
 # repeat. `jax.random.categorical` samples from *logits* (it applies the softmax itself), where
-# the lecture's `torch.multinomial` takes probabilities. Each step gets its own key.
+# the lecture's `torch.multinomial` takes probabilities. Each step gets its own key, and each
+# sample in this notebook its own `sample_keys[i]`.
 #
-# **The functional lens: `jax.jit`.** `jax.jit(f)` traces `f` once per input shape into one XLA
-# program and runs that program on every later call: Python runs only while tracing. The
-# price: a function must be pure (no hidden state) and a new input shape compiles again.
+# **The functional lens: `jax.jit`.** `jax.jit(f)` *traces* `f` once — runs its Python with
+# abstract arrays that have a shape and a dtype but no values — into one XLA program, compiles
+# it, and runs that program on every later call with arguments of the same shapes and dtypes:
+# Python runs only while tracing. The price: a function must be pure (no hidden state), and a new
+# input shape traces and compiles again.
 
 # %%
 @jax.jit
@@ -377,41 +489,110 @@ def generate_loop(params, idx, max_new_tokens, key):
     return idx
 
 
+sample_keys = jax.random.split(sample_key, 8)  # one key per sample drawn in this notebook
 start = np.zeros((1, 1), dtype=np.int32)  # token 0 is the newline
-print(decode(generate_loop(params, start, 100, sample_key)[0].tolist()))
+print(decode(generate_loop(params, start, 100, sample_keys[0])[0].tolist()))
 
 # %% [markdown]
-# Garbage, as expected from random weights. Now train it.
+# Garbage, as expected from random weights.
 #
-# **The functional lens: `jax.value_and_grad`, optax.** PyTorch's
+# **The functional lens: what `jit` sees.** Three consequences of tracing, each a common
+# surprise. (1) A global a jitted function reads is read *once*, while tracing, and frozen into
+# the compiled program as a constant: change it later and the function does not see it (pass
+# it as an argument instead). (2) Python side effects — a `print`, appending to a list — run
+# while tracing only, so they show *when* a function is traced: on the first call, and again for
+# every new input shape or dtype. (3) An argument that must be a Python value while tracing (a
+# number of steps for `range`, a shape) is declared static with `static_argnums`: each new value
+# traces and compiles again, so keep such values few. And JAX runs asynchronously: a jitted call
+# returns as soon as the work is queued, before it is done, so time it with
+# `.block_until_ready()` on the result (or after converting it to a Python number).
+
+# %%
+scale = 2.0
+
+
+@jax.jit
+def scaled(x):
+    return x * scale  # `scale` is read while tracing: 2.0 is now a constant of the program
+
+
+print("scaled(1.0) =", scaled(1.0))
+scale = 3.0
+print("after scale = 3.0, scaled(1.0) =", scaled(1.0), "(the traced constant)")
+
+traces = []
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def powers(x, n):  # n is a Python int while tracing: range(n) needs one
+    traces.append((x.shape, n))  # a side effect: runs only while tracing
+    return sum(x**k for k in range(n))
+
+
+powers(jnp.ones(3), 4)
+powers(jnp.ones(3) * 2, 4)  # same shape, same n: the compiled program, no trace
+powers(jnp.ones(5), 4)  # a new shape: traced again
+powers(jnp.ones(5), 5)  # a new static value: traced again
+print("traced for (shape, n):", traces)
+
+big = jnp.ones((1000, 1000))
+matmul = jax.jit(lambda a: a @ a)
+matmul(big).block_until_ready()  # compile first: time only the run
+t0 = time.perf_counter()
+out = matmul(big)  # returns once queued
+t1 = time.perf_counter()
+out.block_until_ready()  # waits for the result
+t2 = time.perf_counter()
+print(f"the call returned after {1e3 * (t1 - t0):.2f} ms; the result was ready after "
+      f"{1e3 * (t2 - t0):.2f} ms")
+
+# %% [markdown]
+# Now train the bigram.
+#
+# **The functional lens: `jax.value_and_grad`, optax, `lax.scan`, `vmap`.** PyTorch's
 # `loss.backward(); optimizer.step()` mutates `.grad` and the weights. In JAX
 # `jax.value_and_grad(loss_fn)` is a *new function* returning the loss and the gradient pytree;
 # the optax optimizer turns gradients and its own state into updates, and `optax.apply_updates`
 # adds them to the params; the step returns the new params and optimizer state. Being pure, the
 # whole step compiles with `jax.jit` into one XLA program, the batch sampling included.
 # `jax.lax.scan` runs many steps inside one compiled call (a loop whose carry is the params and
-# optimizer state).
+# optimizer state). `jax.vmap(f)` maps a function over a leading axis of its arguments as if it
+# were written for the whole batch: `estimate_loss` below writes the loss of *one* batch drawn
+# from *one* key, and `jax.vmap(one_batch)(keys)` would run it for all `eval_iters` keys at
+# once, one batched computation instead of a Python loop. At the lecture's full size that many
+# batches at once would not fit in a GPU's memory, so it uses `jax.lax.map(one_batch, keys,
+# batch_size=10)`: a compiled loop over chunks of 10 keys, each chunk through `vmap`.
 #
-# The lecture's code starts from PyTorch's default init until its final `gpt.py` (uniform
-# ±1/√fan_in for `nn.Linear`, N(0, 1) for `nn.Embedding`). Params being a pytree, that init is a
-# plain function from one pytree to another: `pytorch_init` below redraws what `m.init` made.
+# The lecture's video trains every model with PyTorch's default init: uniform ±1/√fan_in for
+# `nn.Linear`'s weight and bias, N(0, 1) for `nn.Embedding`. (The repository's `gpt.py`, updated
+# after the video, adds `_init_weights` — normal(0.02), zero biases — "not covered in the
+# original GPT video".) Params being a pytree, PyTorch's init is a plain function from one
+# pytree to another: `pytorch_init` below redraws what `m.init` made.
 #
 # `estimate_loss` is the lecture's, in JAX: the mean loss over `eval_iters` batches of each
 # split. PyTorch needs `@torch.no_grad()` there so that no graph is recorded; JAX computes a
 # gradient only where you ask for one (`jax.grad`), so a forward pass records nothing.
+#
+# `train` takes one key and splits it five ways — init, PyTorch's init, batches, dropout,
+# evals — so no key serves two draws. Every step of the story below passes the same `train_key`:
+# the same batches in the same order for each model, as the lecture's `torch.manual_seed(1337)`
+# at the top of each script gives each of its runs, so the curves differ by the model only.
+# With `ckpt_dir` it saves params, optimizer state and curve with orbax after every eval, and
+# a second call resumes from the last save (used by the full-size run).
 
 # %%
-def make_trainer(m, *, learning_rate, batch_size, block_size, eval_iters, steps_per_call):
-    """(train_steps, estimate_loss) for module m: the lecture's loop as two compiled functions.
-
-    AdamW as torch.optim.AdamW's defaults (betas 0.9/0.999, weight decay 0.01 on every param).
-    """
+def make_trainer(m, data, batch_key, dropout_key, *, learning_rate, batch_size, block_size,
+                 eval_iters, steps_per_call):
+    """(optimizer, train_steps, estimate_loss) for module m: the lecture's loop as two compiled
+    functions. AdamW as torch.optim.AdamW's defaults (betas 0.9/0.999, weight decay 0.01 on
+    every param)."""
+    train_data, val_data = data
     optimizer = optax.adamw(learning_rate, weight_decay=0.01)
 
     def train_step(carry, step):
         params, opt_state = carry
-        key = jax.random.fold_in(batch_key, step)  # step's own batch and dropout keys
-        xb, yb = batches.get_batch(train_data, key, batch_size, block_size)  # sample a batch
+        xb, yb = batches.get_batch(train_data, jax.random.fold_in(batch_key, step), batch_size,
+                                   block_size)  # sample a batch: step's own key
         loss, grads = jax.value_and_grad(functools.partial(loss_fn, m))(
             params, xb, yb, jax.random.fold_in(dropout_key, step))  # loss.backward()
         updates, opt_state = optimizer.update(grads, opt_state, params)  # optimizer.step()
@@ -426,10 +607,12 @@ def make_trainer(m, *, learning_rate, batch_size, block_size, eval_iters, steps_
     @jax.jit
     def estimate_loss(params, key):
         out = {}
-        for split, data in (("train", train_data), ("val", val_data)):
+        for split, d in (("train", train_data), ("val", val_data)):
             keys = jax.random.split(jax.random.fold_in(key, split == "val"), eval_iters)
-            out[split] = jax.vmap(lambda k: loss_fn(m, params, *batches.get_batch(
-                data, k, batch_size, block_size)))(keys).mean()  # over eval_iters batches
+            one_batch = lambda k: loss_fn(m, params, *batches.get_batch(d, k, batch_size,
+                                                                        block_size))
+            # one_batch over every key: jax.vmap of chunks of 10 keys, in a compiled loop
+            out[split] = jax.lax.map(one_batch, keys, batch_size=10).mean()
         return out
 
     return optimizer, train_steps, estimate_loss
@@ -450,30 +633,48 @@ def pytorch_init(params, key):
             for (name, p), k in zip(params.items(), jax.random.split(key, len(params)))}
 
 
-def train(m, *, max_iters, eval_interval=500, eval_iters=STAGE_EVAL_ITERS, learning_rate=1e-3,
-          batch_size=32, block_size=8, name=None, pytorch_defaults=True):
-    """Train m as the lecture does: init, then an eval every eval_interval steps and at the end.
-    pytorch_defaults: start from PyTorch's default init (the lecture's code until gpt.py's
-    _init_weights), else from the modules' own. Returns (params, {"step", "train", "val"})."""
+def train(m, *, max_iters, key=train_key, data=(train_data, val_data), params=None,
+          eval_interval=500, eval_iters=STAGE_EVAL_ITERS, learning_rate=1e-3, batch_size=32,
+          block_size=8, name=None, pytorch_defaults=True, ckpt_dir=None):
+    """Train m as the lecture does: an eval every eval_interval steps and at the end.
+    params: start from these (finetuning), else init — with PyTorch's default init if
+    pytorch_defaults (the video's), else the modules' own. ckpt_dir: save after every eval,
+    resume from the last save. Returns (params, {"step", "train", "val"})."""
+    init_k, torch_k, batch_k, dropout_k, eval_k = jax.random.split(key, 5)
     eval_interval = min(eval_interval, max_iters)
     optimizer, train_steps, estimate_loss = make_trainer(
-        m, learning_rate=learning_rate, batch_size=batch_size, block_size=block_size,
-        eval_iters=eval_iters, steps_per_call=eval_interval)
-    xb, _ = batches.get_batch(train_data, batch_key, batch_size, block_size)
-    params = jax.jit(m.init)(init_key, xb)["params"]
-    if pytorch_defaults:
-        params = pytorch_init(params, init_key)
+        m, data, batch_k, dropout_k, learning_rate=learning_rate, batch_size=batch_size,
+        block_size=block_size, eval_iters=eval_iters, steps_per_call=eval_interval)
+    if params is None:
+        params = jax.jit(m.init)(init_k, jnp.zeros((1, block_size), jnp.int32))["params"]
+        if pytorch_defaults:
+            params = pytorch_init(params, torch_k)
     opt_state = optimizer.init(params)
-    curve = {"step": [], "train": [], "val": []}
-    eval_key = jax.random.fold_in(root, 7)  # evals' own stream
+    curve, first = {"step": [], "train": [], "val": []}, 0
+    saver = None if ckpt_dir is None else ocp.CheckpointManager(
+        Path(ckpt_dir).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=1))
+    if saver is not None and saver.latest_step() is not None:  # resume where the last save was
+        first = saver.latest_step()
+        saved = saver.restore(first, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore({"params": params, "opt_state": opt_state}),
+            curve=ocp.args.JsonRestore()))
+        params, opt_state, curve = saved.state["params"], saved.state["opt_state"], saved.curve
+        print(f"resumed at step {first} from {ckpt_dir}")
     t0 = time.perf_counter()
-    for step in range(0, max_iters + 1, eval_interval):
-        losses = estimate_loss(params, jax.random.fold_in(eval_key, step))
-        for split in ("train", "val"):
-            curve[split].append(float(losses[split]))
-        curve["step"].append(step)
+    for step in range(first, max_iters + 1, eval_interval):
+        if not curve["step"] or curve["step"][-1] != step:  # (a resumed step has its eval)
+            losses = estimate_loss(params, jax.random.fold_in(eval_k, step))
+            for split in ("train", "val"):
+                curve[split].append(float(losses[split]))  # float(): waits for the result
+            curve["step"].append(step)
+            if saver is not None:
+                saver.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+                    curve=ocp.args.JsonSave(curve)))
         if step < max_iters:
             params, opt_state, _ = train_steps(params, opt_state, step)
+    if saver is not None:
+        saver.wait_until_finished()
     n_params = sum(p.size for p in jax.tree.leaves(params))
     print(f"{name or type(m).__name__}: {n_params:,} params, step {max_iters}: train loss "
           f"{curve['train'][-1]:.4f}, val loss {curve['val'][-1]:.4f} "
@@ -483,16 +684,17 @@ def train(m, *, max_iters, eval_interval=500, eval_iters=STAGE_EVAL_ITERS, learn
 
 RESULTS = {}  # stage -> its val-loss curve: the lecture's story, measured here
 
-with timed("the lecture's steps, trained one by one"):
-    params, RESULTS["bigram"] = train(bigram, max_iters=STAGE_ITERS, name="bigram")
-print(decode(generate_loop(params, start, 300, sample_key)[0].tolist()))
+with timed("the lecture's steps, trained one by one"):  # bigram.py's settings
+    params, RESULTS["bigram"] = train(bigram, max_iters=BIGRAM_ITERS, eval_interval=300,
+                                      learning_rate=1e-2, name="bigram")
+print(decode(generate_loop(params, start, 300, sample_keys[1])[0].tolist()))
 
 # %% [markdown]
 # **The functional lens: `jax.lax.scan` for the sampler.** The loop above returns to Python
 # after every token, and its `idx` changes shape at every step. A sampler that is one compiled
 # program carries a fixed-shape state through `jax.lax.scan` instead: here the last token, since
-# the bigram looks at nothing else. With the same keys it draws exactly the same tokens as the
-# loop.
+# the bigram looks at nothing else. Given the same keys as the loop — reused on purpose, to
+# compare the two — it draws exactly the same tokens.
 
 # %%
 @jax.jit
@@ -508,15 +710,36 @@ def generate_scan(params, last, keys):
     return toks.T  # (B, N)
 
 
-looped = generate_loop(params, start, 50, sample_key)[:, 1:]
-scanned = generate_scan(params, start[:, -1], jax.random.split(sample_key, 50))
+looped = generate_loop(params, start, 50, sample_keys[2])[:, 1:]
+scanned = generate_scan(params, start[:, -1], jax.random.split(sample_keys[2], 50))
 assert (looped == scanned).all()  # the same tokens from the same keys
 print("the scan draws the loop's tokens:", bool((looped == scanned).all()))
 
 # %% [markdown]
-# Not Shakespeare, but it has learned which letters follow which. *In jaxgpt:*
-# `model.BigramLanguageModel`, `configs/bigram.py` (`python train.py --config
-# configs/bigram.py`). The tokens do not talk to each other yet: that is the next step.
+# Not Shakespeare, but it has learned which letters follow which. The tokens do not talk to
+# each other yet: that is the next step.
+#
+# ## Port our code to a script
+#
+# At this point the lecture moves the notebook's code into one file, `bigram.py`: the
+# hyperparameters at the top, then the data, `get_batch`, `estimate_loss`, the model, the loop
+# and a sample at the end, run with `python bigram.py`; it also moves tensors to the GPU when
+# there is one (`device = 'cuda'`, `.to(device)`). In JAX there is nothing to move: arrays live
+# on the default device, a GPU or TPU when there is one. In jaxgpt the script is `train.py`,
+# one for every model, and the hyperparameters are a config file: `python train.py --config
+# configs/bigram.py` trains this bigram with bigram.py's settings (the cell above used them
+# too: lr 1e-2 for 3000 steps, an eval every 300), and any setting can be changed on the command
+# line (`--config.learning_rate=3e-3`). Its settings:
+
+# %%
+from configs import bigram as bigram_recipe  # noqa: E402  the recipes, installed with jaxgpt
+
+print({k: v for k, v in bigram_recipe.get_config().items()
+       if k in ("batch_size", "block_size", "max_iters", "eval_interval", "learning_rate",
+                "eval_iters")})
+
+# %% [markdown]
+# *In jaxgpt:* `model.BigramLanguageModel`, `configs/bigram.py`, `train.py`.
 #
 # ## The mathematical trick in self-attention
 #
@@ -526,7 +749,7 @@ print("the scan draws the loop's tokens:", bool((looped == scanned).all()))
 # %%
 a = jnp.tril(jnp.ones((3, 3)))
 a = a / a.sum(1, keepdims=True)
-b = jax.random.randint(jax.random.PRNGKey(42), (3, 2), 0, 10).astype(jnp.float32)
+b = jax.random.randint(jax.random.key(42), (3, 2), 0, 10).astype(jnp.float32)
 c = a @ b
 print("a=\n", a, "\nb=\n", b, "\nc=\n", c)  # row t of c: the mean of rows 0..t of b
 
@@ -582,7 +805,8 @@ key_layer = nn.Dense(head_size, use_bias=False)  # PyTorch: nn.Linear(C, head_si
 query_layer = nn.Dense(head_size, use_bias=False)
 value_layer = nn.Dense(head_size, use_bias=False)
 kp, qp, vp = (layer.init(k, x)["params"] for layer, k in
-              zip((key_layer, query_layer, value_layer), jax.random.split(init_key, 3)))
+              zip((key_layer, query_layer, value_layer),
+                  jax.random.split(jax.random.fold_in(init_key, 1), 3)))
 print("kernel:", kp["kernel"].shape, "(in, out)")
 k = key_layer.apply({"params": kp}, x)  # (B, T, 16)
 q = query_layer.apply({"params": qp}, x)  # (B, T, 16)
@@ -620,17 +844,18 @@ print(np.allclose(wei0 @ x, model.weighted_average(x), atol=1e-6))
 # ## One head of self-attention
 #
 # The cell above as a module, with the scaling by `head_size ** -0.5` explained below. Every
-# linear layer and embedding is declared with normal(0.02) and zero biases, as the lecture's
-# final `gpt.py` sets them in `_init_weights`; the story's runs below redraw them with PyTorch's
-# defaults (`pytorch_init`), which is what the lecture's code had at those steps. `self.sow` records the attention weights where a caller asks for
+# linear layer and embedding is declared with normal(0.02) and zero biases, as the
+# repository's `gpt.py` sets them in `_init_weights` (added after the lecture's video); the
+# story's runs below redraw them with PyTorch's defaults (`pytorch_init`), which is what the
+# video's code trained with. `self.sow` records the attention weights where a caller asks for
 # them (`mutable=["intermediates"]`), for the heat maps later; otherwise it does nothing.
 
 # %%
-init_02 = nn.initializers.normal(0.02)  # the lecture's _init_weights: normal(0, 0.02)
+init_02 = nn.initializers.normal(0.02)  # gpt.py's _init_weights: normal(0, 0.02)
 
 
 def Linear(features, bias=True, name=None):
-    """PyTorch's nn.Linear(in, features) with the lecture's init, in flax."""
+    """PyTorch's nn.Linear(in, features) with gpt.py's init, in flax."""
     return nn.Dense(features, use_bias=bias, kernel_init=init_02, name=name)
 
 
@@ -788,6 +1013,13 @@ for hs in (16, 64, 256, 1024):
 # table of `block_size` vectors, added to the token embeddings. (The original Transformer used
 # fixed sinusoids; exercise 4 below builds rotary embeddings.) The output layer `lm_head` maps
 # each position's vector to logits over the vocabulary.
+#
+# **The functional lens: Flax's names.** Every submodule gets a name, and the params pytree is
+# nested by those names. A name given (`name="lm_head"`) is used as is; a module held in a field
+# of a dataclass module gets the field's name, with its index for a list or tuple: the body's
+# modules are `body_0`, `body_1`, ...; one created inline in an `@nn.compact` method without a
+# name gets its class's, `Dense_0`, `Dropout_0`. These names are the params' keys, so code that
+# reads params by key (`to_jaxgpt` below, which renames your params to jaxgpt's) depends on them.
 
 # %%
 class GPTLanguageModel(nn.Module):
@@ -816,13 +1048,26 @@ class GPTLanguageModel(nn.Module):
 
 n_embd = 32  # the lecture's size for the story: 32 wide, a context of 8, batches of 32
 small = functools.partial(GPTLanguageModel, vocab_size, n_embd, block_size)
+one_head_params = small(body=(Head(n_embd),)).init(jax.random.fold_in(init_key, 4),
+                                                  train_data[None, :block_size])["params"]
+print(jax.tree.map(jnp.shape, one_head_params))  # body_0: the body's first module
+print(f"token embeddings at init: std "
+      f"{float(one_head_params['token_embedding_table']['embedding'].std()):.3f}")
 
+# %% [markdown]
+# Does the order of the past reach the prediction? Swap the first two tokens of a context and
+# see how far the last position's logits move — at PyTorch's default init, the init the story
+# trains from, whose random affinities are far from uniform (at gpt.py's normal(0.02) every
+# affinity is near 0, attention is a near-uniform average, and the effect is too small to see
+# before training).
+
+# %%
 idx = train_data[None, :block_size]  # (1, T) token ids
 swapped = idx[:, jnp.array([1, 0, 2, 3, 4, 5, 6, 7])]  # the first two tokens swapped
 for body, what, positions in (((), "embeddings only", True), ((Head(n_embd),), "one head", True),
                               ((Head(n_embd),), "one head, positions zeroed", False)):
     m = small(body=body)
-    p = m.init(init_key, idx)["params"]
+    p = pytorch_init(m.init(init_key, idx)["params"], jax.random.fold_in(init_key, 5))
     if not positions:
         p = {**p, "position_embedding_table": {"embedding": jnp.zeros((block_size, n_embd))}}
     last = lambda i: m.apply({"params": p}, i)[0, -1]  # the last position's logits (vocab,)
@@ -831,15 +1076,19 @@ for body, what, positions in (((), "embeddings only", True), ((Head(n_embd),), "
 
 # %% [markdown]
 # The embeddings alone predict from the last token only (a bigram with extra steps), so the past
-# cannot matter; a head without positions reads its past as a set (the change is float
-# rounding); with position embeddings the order of the past is visible.
+# cannot matter at all; a head without positions reads its past as a set, so the swap changes
+# nothing but float rounding; with position embeddings the swap moves the prediction by a
+# visible amount: the order of the past is seen.
 # *Test:* `test_lecture.py::test_position_embeddings_give_the_gpt_a_notion_of_space`.
 #
 # Now the lecture's story: each step adds one idea and is trained for the lecture's
 # iterations, at its small size (32 wide, context 8, batch 32, learning rate 1e-3), from
-# PyTorch's default init as the lecture's code was at these steps. (Started from gpt.py's
-# normal(0.02) instead, these small models learn more slowly in 5000 steps and the story's
-# order blurs: pass `pytorch_defaults=False` to `train` to see it.)
+# PyTorch's default init as in the video. (Started from gpt.py's normal(0.02) instead, these
+# small models learn more slowly in 5000 steps and the story's order blurs: pass
+# `pytorch_defaults=False` to `train` to see it.) The first step, token embeddings and an
+# `lm_head`, is still a bigram model — the last token alone decides — whose table is the product
+# of two smaller ones, so it cannot beat the bigram above; the first real gain is the next
+# step's self-attention.
 
 # %%
 with timed("the lecture's steps, trained one by one"):
@@ -851,8 +1100,10 @@ with timed("the lecture's steps, trained one by one"):
 # %% [markdown]
 # ## Multi-head attention
 #
-# Several heads in parallel, each with a smaller head size, their outputs concatenated and
-# projected back to `n_embd`: several independent channels of communication.
+# Several heads in parallel, each with a smaller head size, their outputs concatenated:
+# several independent channels of communication. The lecture later, at the residual step,
+# adds a projection of the concatenation back into the residual stream, `proj`; the `project`
+# switch adds it, and the story turns it on where the lecture does.
 
 # %%
 class MultiHeadAttention(nn.Module):
@@ -862,19 +1113,21 @@ class MultiHeadAttention(nn.Module):
     head_size: int
     n_embd: int
     dropout: float = 0.0
+    project: bool = True  # the output projection, added by the lecture at the residual step
 
     @nn.compact
     def __call__(self, x, deterministic=True):
         heads = [Head(self.head_size, self.dropout, name=f"heads_{i}")
                  for i in range(self.num_heads)]
         out = jnp.concatenate([h(x, deterministic) for h in heads], axis=-1)  # (B, T, nh * hs)
-        out = Linear(self.n_embd, name="proj")(out)  # (B, T, C)
+        if self.project:
+            out = Linear(self.n_embd, name="proj")(out)  # (B, T, C)
         return nn.Dropout(self.dropout)(out, deterministic=deterministic)
 
 
 x = jax.random.normal(demo_key, (B, T, C))
 mha = MultiHeadAttention(2, 16, C)
-mha_params = mha.init(init_key, x)["params"]
+mha_params = mha.init(jax.random.fold_in(init_key, 6), x)["params"]
 print(jax.tree.map(jnp.shape, mha_params))
 heads_out = [head.apply({"params": mha_params[f"heads_{i}"]}, x) for i in range(2)]
 by_hand = jnp.concatenate(heads_out, axis=-1) @ mha_params["proj"]["kernel"] \
@@ -882,10 +1135,48 @@ by_hand = jnp.concatenate(heads_out, axis=-1) @ mha_params["proj"]["kernel"] \
 print("heads side by side, projected:", np.allclose(mha.apply({"params": mha_params}, x), by_hand,
                                                     atol=1e-5))
 
+# %% [markdown]
+# **The functional lens: `setup` vs `@nn.compact`.** Flax has two ways to declare submodules.
+# `@nn.compact` (used so far) creates them inline in `__call__`, as they are used. `setup`
+# creates them up front and assigns them to attributes, like PyTorch's `__init__`: the shape of
+# the lecture's code. A list assigned in `setup` names its modules after the attribute and
+# their index — `self.heads = [...]` gives `heads_0`, `heads_1`, ... — which is why the compact
+# version names its heads `heads_{i}` by hand: both forms make the same params tree, and each
+# runs the other's params.
+
+# %%
+class MultiHeadAttentionSetup(nn.Module):
+    """MultiHeadAttention in setup form: PyTorch's __init__ + forward, one to one."""
+
+    num_heads: int
+    head_size: int
+    n_embd: int
+
+    def setup(self):  # PyTorch: __init__
+        self.heads = [Head(self.head_size) for _ in range(self.num_heads)]  # heads_0, heads_1, ...
+        self.proj = Linear(self.n_embd)
+
+    def __call__(self, x, deterministic=True):  # PyTorch: forward
+        out = jnp.concatenate([h(x, deterministic) for h in self.heads], axis=-1)
+        return self.proj(out)  # (B, T, C)
+
+
+setup_form = MultiHeadAttentionSetup(2, 16, C)
+same_tree = jax.tree.map(jnp.shape, setup_form.init(init_key, x)["params"]) == \
+    jax.tree.map(jnp.shape, mha_params)
+print("same params tree:", same_tree, "| same output from the same params:",
+      np.allclose(setup_form.apply({"params": mha_params}, x),
+                  mha.apply({"params": mha_params}, x), atol=1e-6))
+
+# %% [markdown]
+# The story's multi-head step, as the lecture trains it: 4 heads of size 8, concatenated, no
+# projection yet.
+
+# %%
 with timed("the lecture's steps, trained one by one"):
     _, RESULTS["+ multi-head (4 heads of 8)"] = train(
-        small(body=(MultiHeadAttention(4, n_embd // 4, n_embd),)), max_iters=STAGE_ITERS,
-        name="multi-head")
+        small(body=(MultiHeadAttention(4, n_embd // 4, n_embd, project=False),)),
+        max_iters=STAGE_ITERS, name="multi-head")
 
 # %% [markdown]
 # *In jaxgpt:* `model.MultiHeadAttention`. The lecture's exercise 1 (below) does all heads in
@@ -896,8 +1187,9 @@ with timed("the lecture's steps, trained one by one"):
 # ## Feed-forward: the computation
 #
 # After the tokens have talked, each thinks about what it gathered on its own: a small MLP
-# applied to every position independently (4× wider inside, as in "Attention is all you need";
-# the lecture widens it when it adds residuals, here it is 4× from the start).
+# applied to every position independently. The lecture's first version is one linear layer and
+# a ReLU, `n_embd` wide; at the residual step it becomes the form of "Attention is all you
+# need": 4× wider inside, then a projection back to `n_embd`. The `wide` switch picks the form.
 
 # %%
 class FeedForward(nn.Module):
@@ -905,16 +1197,19 @@ class FeedForward(nn.Module):
 
     n_embd: int
     dropout: float = 0.0
+    wide: bool = True  # 4x inside and a projection back, as the lecture has from the residual step
 
     @nn.compact
     def __call__(self, x, deterministic=True):
+        if not self.wide:  # the lecture's first FeedForward: Linear(C, C), ReLU
+            return nn.relu(Linear(self.n_embd, name="fc")(x))  # (B, T, C)
         x = nn.relu(Linear(4 * self.n_embd, name="fc")(x))  # (B, T, 4C)
         x = Linear(self.n_embd, name="proj")(x)  # (B, T, C) the projection back
         return nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
 
 ff = FeedForward(C)
-ff_params = ff.init(init_key, x)["params"]
+ff_params = ff.init(jax.random.fold_in(init_key, 7), x)["params"]
 whole = ff.apply({"params": ff_params}, x)
 one_at_a_time = jnp.concatenate([ff.apply({"params": ff_params}, x[:, t : t + 1])
                                  for t in range(T)], axis=1)
@@ -922,7 +1217,8 @@ print("per token:", np.allclose(whole, one_at_a_time, atol=1e-5))
 
 with timed("the lecture's steps, trained one by one"):
     _, RESULTS["+ feed-forward"] = train(
-        small(body=(MultiHeadAttention(4, n_embd // 4, n_embd), FeedForward(n_embd))),
+        small(body=(MultiHeadAttention(4, n_embd // 4, n_embd, project=False),
+                    FeedForward(n_embd, wide=False))),
         max_iters=STAGE_ITERS, name="attention + feed-forward")
 
 # %% [markdown]
@@ -935,12 +1231,15 @@ with timed("the lecture's steps, trained one by one"):
 #
 # - **Residual connections**: `x = x + self.sa(x)`, `x = x + self.ffwd(x)`. Each block *adds*
 #   to a residual stream; addition passes gradients through unchanged, a "gradient superhighway"
-#   from the loss to the first layer, and the blocks' contributions start small and grow.
+#   from the loss to the first layer, and the blocks' contributions start small and grow. With
+#   them the lecture adds the projections back into the stream — attention's `proj` and the
+#   wide feed-forward's — so the story's residual step turns on `project` and `wide` too.
 # - **LayerNorm** (the lecture's `LayerNorm1d`, below): normalise each token's features before
 #   each sub-layer (pre-norm, as GPT-2: `x = x + self.sa(self.ln1(x))`) and once at the end
 #   (`ln_f`).
 #
-# The Block below has both as switches, so the story can train it with and without them.
+# The Block below has all of these as switches, so the story can train it as the lecture did
+# at each step.
 
 # %%
 class Block(nn.Module):
@@ -951,12 +1250,13 @@ class Block(nn.Module):
     dropout: float = 0.0
     residual: bool = True
     layer_norm: bool = True
+    project: bool = True  # attention's proj and the 4x feed-forward: the lecture's final form
 
     @nn.compact
     def __call__(self, x, deterministic=True):
         sa = MultiHeadAttention(self.n_head, self.n_embd // self.n_head, self.n_embd,
-                                self.dropout, name="sa")
-        ffwd = FeedForward(self.n_embd, self.dropout, name="ffwd")
+                                self.dropout, self.project, name="sa")
+        ffwd = FeedForward(self.n_embd, self.dropout, self.project, name="ffwd")
         ln1, ln2 = ((nn.LayerNorm(epsilon=1e-5, name=n) for n in ("ln1", "ln2"))
                     if self.layer_norm else (lambda x: x, lambda x: x))
         if not self.residual:
@@ -972,20 +1272,21 @@ def blocks(n, **kw):
 
 with timed("the lecture's steps, trained one by one"):
     _, RESULTS["3 blocks, no residual"] = train(
-        small(body=blocks(3, residual=False, layer_norm=False)), max_iters=STAGE_ITERS,
-        name="3 blocks")
-    _, RESULTS["+ residual connections"] = train(
-        small(body=blocks(3, layer_norm=False)), max_iters=STAGE_ITERS, name="+ residual")
+        small(body=blocks(3, residual=False, layer_norm=False, project=False)),
+        max_iters=STAGE_ITERS, name="3 blocks")
+    _, RESULTS["+ residual, proj, 4x feed-forward"] = train(
+        small(body=blocks(3, layer_norm=False)), max_iters=STAGE_ITERS,
+        name="+ residual, proj, 4x feed-forward")
 
 # %% [markdown]
 # At init (gpt.py's normal(0.02), the modules' own) a residual `Block` is close to the identity,
 # and so is its gradient: the superhighway.
-# `jax.jacobian` differentiates the block's output at the last token by its input there
-# (transformations compose: the jacobian of a jitted function, jitted again).
+# `jax.jacobian` differentiates the block's output at the last token by its input there;
+# transformations compose, so `jax.jit(jax.jacobian(f))` is f's jacobian, compiled.
 
 # %%
 blk = Block(C, 2, layer_norm=False)
-blk_params = jax.jit(blk.init)(init_key, x)["params"]
+blk_params = jax.jit(blk.init)(jax.random.fold_in(init_key, 8), x)["params"]
 y_blk = blk.apply({"params": blk_params}, x)  # (B, T, C)
 print(f"|block(x) - x| / |x| = {jnp.linalg.norm(y_blk - x) / jnp.linalg.norm(x):.3f}")
 
@@ -1009,8 +1310,10 @@ class LayerNorm1d:  # the lecture's, in jax.numpy (no running buffers, no mutati
         self.eps, self.gamma, self.beta = eps, jnp.ones(dim), jnp.zeros(dim)
 
     def __call__(self, x):
-        xmean = x.mean(1, keepdims=True)  # batch mean
-        xvar = x.var(1, keepdims=True)  # batch variance
+        # dimension 1: over each example's features, a row (the lecture's comments, kept from
+        # its BatchNorm1d, still say "batch mean" and "batch variance")
+        xmean = x.mean(1, keepdims=True)  # each row's mean
+        xvar = x.var(1, keepdims=True)  # each row's variance
         xhat = (x - xmean) / jnp.sqrt(xvar + self.eps)  # normalize to unit variance
         return self.gamma * xhat + self.beta
 
@@ -1033,12 +1336,13 @@ with timed("the lecture's steps, trained one by one"):
 # the network cannot rely on any one path: an ensemble of subnetworks. Every module above has a
 # `dropout` rate. **Functional lens:** PyTorch switches it with `model.train()` /
 # `model.eval()`, state on the module; here it is an argument, `deterministic=False`, and its
-# randomness a key passed in `rngs` (`loss_fn` above passes a fresh one at every step).
+# randomness a key passed in `rngs` (`loss_fn` above gets a fresh one at every step). The
+# full-size run below trains with dropout 0.2, as the lecture's.
 
 # %%
 drop = nn.Dropout(rate=0.2)
 ones = jnp.ones((2, 10))
-print(drop.apply({}, ones, deterministic=False, rngs={"dropout": dropout_key}))
+print(drop.apply({}, ones, deterministic=False, rngs={"dropout": jax.random.fold_in(demo_key, 9)}))
 print(drop.apply({}, ones, deterministic=True))  # evaluation: the identity
 
 # %% [markdown]
@@ -1047,12 +1351,14 @@ print(drop.apply({}, ones, deterministic=True))  # evaluation: the identity
 # ## Scaling up
 #
 # The lecture's last step scales the model up: 6 layers, 6 heads, 384 wide, a context of 256,
-# dropout 0.2 — hours on a CPU. Here it is scaled to a laptop the way nanoGPT scales its CPU
-# recipe: `configs/lecture_cpu.py`, 4 layers, 4 heads, 128 wide, a context of 64, batches of 12,
-# no dropout at this size, 2000 iterations at 1e-3.
+# dropout 0.2 — hours on a CPU; the full-size run further down trains it on a GPU or TPU. Here
+# it is first scaled to a laptop the way nanoGPT scales its CPU recipe: `configs/lecture_cpu.py`,
+# 4 layers, 4 heads, 128 wide, a context of 64, batches of 12, no dropout at this size, 2000
+# iterations at 1e-3, initialised as the repository's `gpt.py` does (`_init_weights`,
+# normal(0.02): the modules' own init), as jaxgpt's lecture recipes are.
 
 # %%
-from configs import lecture_cpu  # noqa: E402  the recipes, installed with jaxgpt
+from configs import lecture_cpu  # noqa: E402
 
 lc = small_run(lecture_cpu.get_config())
 scaled_gpt = GPTLanguageModel(vocab_size, lc.n_embd, lc.block_size, ln_f=True, body=tuple(
@@ -1065,6 +1371,22 @@ with timed("the scaled-up GPT, your modules"):
         pytorch_defaults=False)  # gpt.py's _init_weights: the modules' own normal(0.02)
 
 # %% [markdown]
+# **Saving your model.** Params are a pytree of arrays, so orbax — the checkpoint library of
+# the JAX stack, which jaxgpt's runs use too — saves them in one call and restores them in
+# another, given the tree's shapes and dtypes (so it can place each array where it belongs).
+# In Colab, save into a mounted Google Drive folder to keep them past the session.
+
+# %%
+checkpointer = ocp.StandardCheckpointer()
+saved_to = runs_dir / "my_gpt_params"
+checkpointer.save(saved_to, scaled_params)
+checkpointer.wait_until_finished()  # the save runs in the background
+like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), scaled_params)
+restored = checkpointer.restore(saved_to, like)
+print("restored the same params:", jax.tree.all(jax.tree.map(np.array_equal, restored,
+                                                               scaled_params)))
+
+# %% [markdown]
 # ### The story, measured
 #
 # Each row is this notebook's own run (the val loss at the last step, `eval_iters` batches).
@@ -1074,45 +1396,56 @@ rows = ["| step of the lecture | val loss | train loss |", "|---|---|---|"]
 rows += [f"| {name} | {c['val'][-1]:.4f} | {c['train'][-1]:.4f} |" for name, c in RESULTS.items()]
 display(Markdown("\n".join(rows)))
 
-fig, ax = plt.subplots(figsize=(8, 4.5))
-for name, c in RESULTS.items():
-    ax.plot(c["step"], c["val"], marker=".", label=name)
-ax.set(xlabel="step", ylabel="val loss", title="The lecture's steps, each trained from scratch")
-ax.legend(fontsize=8)
+fig, ax = plt.subplots(figsize=(9, 5))
+styles = [dict(ls=ls, marker=mk) for ls, mk in zip(["-", "--", "-.", ":"] * 3, "osD^vP*Xh")]
+for (name, c), style in zip(RESULTS.items(), styles):
+    ax.plot(c["step"], c["val"], lw=1.8, ms=4, label=name, **style)
+later = [v for c in RESULTS.values() for v in c["val"][1:]]  # after step 0's ≈ ln(65)
+ax.set_ylim(min(later) - 0.05, max(later) + 0.05)
+ax.set(xlabel="step", ylabel="val loss",
+       title="The lecture's steps, each trained from scratch (step 0, ≈ 4.2, is above the chart)")
+ax.grid(alpha=0.3)
+ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), handlelength=3)
+plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# The story's steps train at the lecture's small size for the same number of iterations each;
-# the scaled-up model trains longer per step on bigger batches, so its row is not a like-for-like
-# comparison with the others (the lecture's own model reaches 1.48 at full size, as the lecture
-# reports). The lecture reports, for the same steps, about 2.4 with one head, 2.28 with four,
-# 2.24 with feed-forward, 2.08 with residual connections and 2.06 with LayerNorm; its plain
-# stack of blocks did not improve on one block (depth without residuals is hard to optimise).
+# The story's steps train at the lecture's small size for the same number of iterations each
+# (the bigram at bigram.py's own settings); the scaled-up model trains longer per step on bigger
+# batches, so its row is not a like-for-like comparison with the others (the lecture's own model
+# reaches 1.48 at full size, as the lecture reports). The lecture reports, for the same steps,
+# about 2.4 with one head, 2.28 with four, 2.24 with feed-forward, 2.08 with residual
+# connections and 2.06 with LayerNorm; its plain stack of blocks did not improve on one block
+# (depth without residuals is hard to optimise).
 #
 # ### What the heads look at
 #
-# The scaled-up model's attention weights on a line of Shakespeare from the validation split,
-# per head of the first and the last layer: recorded by `Head`'s `sow` (the caller asks for
-# them with `mutable=["intermediates"]`; the forward pass is the same).
+# The scaled-up model's attention weights on the start of a line of Shakespeare from the
+# validation split, per head of the first and the last layer: recorded by `Head`'s `sow` (the
+# caller asks for them with `mutable=["intermediates"]`; the forward pass is the same).
 
 # %%
 val_text = text[n:]
-line = next((l for l in val_text.splitlines() if len(l) >= 30), val_text[:40])[: lc.block_size]
+line = next((l for l in val_text.splitlines() if len(l) >= 24), val_text[:24])[:24]
 line_ids = jnp.array([encode(line)])  # (1, T)
 _, state = scaled_gpt.apply({"params": scaled_params}, line_ids, mutable=["intermediates"])
 maps = state["intermediates"]  # body_i / sa / heads_h / wei: ((1, T, T),)
 shown = (0, lc.n_layer - 1)
-fig, axes = plt.subplots(len(shown), lc.n_head, figsize=(3 * lc.n_head, 3.2 * len(shown)))
+fig, axes = plt.subplots(len(shown), lc.n_head, figsize=(4.2 * lc.n_head, 4.4 * len(shown)),
+                         squeeze=False)
 for r, layer in enumerate(shown):
     for h in range(lc.n_head):
         w = maps[f"body_{layer}"]["sa"][f"heads_{h}"]["wei"][0][0]  # (T, T)
         ax = axes[r, h]
-        ax.imshow(np.asarray(w), cmap="viridis", vmin=0, vmax=1)
-        ax.set_xticks(range(len(line)), list(line), fontsize=5)
-        ax.set_yticks(range(len(line)), list(line), fontsize=5)
-        ax.set_title(f"layer {layer}, head {h}", fontsize=9)
-fig.suptitle(f"attention weights on {line!r}", fontsize=10)
-plt.tight_layout()
+        im = ax.imshow(np.asarray(w), cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(len(line)), [repr(ch)[1:-1] for ch in line], fontsize=9)
+        ax.set_yticks(range(len(line)), [repr(ch)[1:-1] for ch in line], fontsize=9)
+        ax.set_title(f"layer {layer}, head {h}", fontsize=12)
+        ax.set_xlabel("key: the token attended to", fontsize=10)
+        if h == 0:
+            ax.set_ylabel("query: the token attending", fontsize=10)
+fig.colorbar(im, ax=axes, shrink=0.6, label="attention weight (each row sums to 1)")
+fig.suptitle(f"attention weights on {line!r}", fontsize=13)
 plt.show()
 
 # %% [markdown]
@@ -1134,7 +1467,7 @@ def to_jaxgpt(p, n_layer, n_head):
     out = {"wte": p["token_embedding_table"], "wpe": p["position_embedding_table"],
            "ln_f": p["ln_f"], "lm_head": p["lm_head"]}
     for i in range(n_layer):
-        b = p[f"body_{i}"]
+        b = p[f"body_{i}"]  # Flax's automatic names: the body's i-th module
         heads = {f"heads_{h}": b["sa"][f"heads_{h}"] for h in range(n_head)}
         out[f"h_{i}"] = {"ln_1": b["ln1"], "ln_2": b["ln2"],
                          "attn": {**heads, "c_proj": b["sa"]["proj"]},
@@ -1146,7 +1479,7 @@ jaxgpt_lecture = model.make_model(lc, vocab_size)  # configs/lecture_cpu.py's mo
 print({k: lc[k] for k in ("attention", "activation", "bias", "tie_weights", "lm_head_bias",
                           "embd_dropout", "scale_residual_init")})
 mapped = to_jaxgpt(scaled_params, lc.n_layer, lc.n_head)
-xb, _ = batches.get_batch(val_data, sample_key, 4, lc.block_size)
+xb, _ = batches.get_batch(val_data, jax.random.fold_in(demo_key, 10), 4, lc.block_size)
 expected = jax.eval_shape(jaxgpt_lecture.init, init_key, xb)["params"]
 assert jax.tree.map(jnp.shape, mapped) == jax.tree.map(lambda s: s.shape, expected)
 yours = scaled_gpt.apply({"params": scaled_params}, xb)
@@ -1187,7 +1520,6 @@ from configs import shakespeare_cpu  # noqa: E402
 nano = small_run(shakespeare_cpu.get_config())
 print("the keys that differ:", {k: (lc[k], nano[k]) for k in nano.keys() if k in lc and lc[k] != nano[k]
                                 and k not in ("eval_before_last_step", "param_count")})
-runs_dir = Path(tempfile.mkdtemp(prefix="jaxgpt_notebook_"))
 WORKDIRS = {}
 for name, c in (("lecture_cpu", lc), ("shakespeare_cpu", nano)):
     c.data_path = str(DATA_PATH)
@@ -1202,7 +1534,8 @@ for name, c in (("lecture_cpu", lc), ("shakespeare_cpu", nano)):
 print(f"trained {SCALED_ITERS} steps per recipe into {runs_dir}")
 
 # %%
-evals = {name: plot.read_metrics(d)["eval"] for name, d in WORKDIRS.items()}
+metrics = {name: plot.read_metrics(d) for name, d in WORKDIRS.items()}
+evals = {name: m["eval"] for name, m in metrics.items()}
 final = {name: e["val_loss"][-1] for name, e in evals.items()}
 display(Markdown(
     f"With the same 2000-step budget (here {SCALED_ITERS}), the lecture's recipe ends at val "
@@ -1212,15 +1545,30 @@ display(Markdown(
     f"{final['lecture_cpu'] - final['shakespeare_cpu']:+.4f}. Each eval here averages "
     f"{nano.eval_iters} batches, so it carries a few hundredths of sampling noise; "
     "`docs/performance.md` has the recipe over 1000 batches and several seeds."))
-display(Image(filename=str(plot.save(list(WORKDIRS.values()), runs_dir / "loss.png"))))
+
+fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=[3, 1])
+for (name, e), color in zip(evals.items(), ("tab:blue", "tab:orange")):
+    ax.plot(e["step"], e["val_loss"], color=color, lw=2.2, marker="o", label=f"{name}: val")
+    ax.plot(e["step"], e["train_loss"], color=color, lw=1.4, ls=(0, (1, 1.5)), marker="x",
+            label=f"{name}: train")
+    ax_lr.plot(metrics[name]["train"]["step"], metrics[name]["train"]["lr"], color=color, lw=2)
+later = [v for e in evals.values() for k in ("train_loss", "val_loss") for v in e[k][1:]]
+ax.set_ylim(min(later) - 0.05, max(later) + 0.05)  # step 0 (≈ 4.2) is above the chart
+ax.set(ylabel="loss", title="The lecture's recipe and nanoGPT's, in jaxgpt's loop")
+ax.legend(fontsize=9, handlelength=4)
+ax.grid(alpha=0.3)
+ax_lr.set(xlabel="step", ylabel="learning rate")
+ax_lr.grid(alpha=0.3)
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # The difference is the lecture's val loss minus nanoGPT's: negative where the lecture's recipe
 # ends lower, as in the saved outputs. At this size and budget nanoGPT's changes do not buy a
 # lower val loss; they are there for what nanoGPT trains next — speed (one batched attention,
 # no biases), fewer parameters (tying), and steady training of deep, wide models such as GPT-2
-# (the scaled residual init, warmup, clipping). The picture is the one `python -m jaxgpt.plot
-# WORKDIR ...` writes.
+# (the scaled residual init, warmup, clipping). `python -m jaxgpt.plot WORKDIR ...` draws such
+# curves for any runs of `train.py`.
 #
 # ## Sampling
 #
@@ -1242,16 +1590,17 @@ run = pretrained.load_run(WORKDIRS["shakespeare_cpu"])
 print(f"step {run.step}, {type(run.model).__name__}, vocab {run.tokenizer.vocab_size}")
 idx = jnp.zeros((1, 1), dtype=jnp.int32)  # start from a newline, as the lecture
 with timed("sampling"):
-    out = sampling.generate(run.model, run.params, idx, 500, rng=sample_key, temperature=1.0)
+    out = sampling.generate(run.model, run.params, idx, 500, rng=sample_keys[3], temperature=1.0)
 print(run.tokenizer.decode(out[0].tolist()))
 
 # %% [markdown]
 # Your own model samples through the same function: its weights under jaxgpt's names, in
-# jaxgpt's `heads` model (which `sampling.generate` runs in fused form, `model.fused`).
+# jaxgpt's `heads` model (which `sampling.generate` runs with all heads in one batched matmul).
 
 # %%
 with timed("sampling"):
-    out = sampling.generate(jaxgpt_lecture, mapped, idx, 300, rng=sample_key, temperature=1.0)
+    out = sampling.generate(jaxgpt_lecture, mapped, idx, 300, rng=sample_keys[4],
+                             temperature=1.0)
 print(decode(out[0].tolist()))
 
 # %% [markdown]
@@ -1263,35 +1612,65 @@ print(decode(out[0].tolist()))
 #
 # ## The lecture's model, full size
 #
-# `configs/lecture.py` is the lecture's `gpt.py`: 6 layers, 6 heads, 384 wide, one `Head`
-# module per head, dropout 0.2, 5000 steps of AdamW at 3e-4. It takes hours on a CPU and
-# minutes on a GPU; set `TRAIN_LECTURE = True` (or `JAXGPT_NOTEBOOK_LECTURE=1`) on a GPU/TPU
-# runtime to train it here, or from a shell: `python train.py --config configs/lecture.py`.
-# **Functional lens:** `jax.eval_shape` runs `init` abstractly — shapes and dtypes, no memory,
-# no arithmetic — so counting its parameters costs nothing.
+# The lecture's final model: 6 layers, 6 heads, 384 wide, a context of 256, dropout 0.2,
+# batches of 64, 5000 steps of AdamW at 3e-4, from PyTorch's default init as in the video — the
+# lecture reports val loss 1.48 for it. Here it is *your* `GPTLanguageModel`, trained by your
+# `train`, with dropout on while training. It takes hours on a CPU, so `FULL_SIZE` (set at the
+# top) is off there and on by default on a GPU or TPU runtime (how long there: not measured
+# here). It saves a checkpoint after every eval into `FULL_SIZE_DIR`; if the session
+# disconnects, run the notebook again up to here and this cell resumes from the last save.
+# `configs/lecture.py` is the same model for `train.py` (`python train.py --config
+# configs/lecture.py`), with gpt.py's normal(0.02) init.
+#
+# **The functional lens: `jax.eval_shape`** runs `init` abstractly — shapes and dtypes, no
+# memory, no arithmetic — so counting the full-size model's parameters costs nothing, even on a
+# CPU.
 
 # %%
 from configs import lecture  # noqa: E402
 
-lecture_config = lecture.get_config()
-lecture_model = model.make_model(lecture_config, vocab_size)
-shapes = jax.eval_shape(lecture_model.init, init_key,
-                        jax.ShapeDtypeStruct((1, lecture_config.block_size), jnp.int32))
-print(f"{sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)) / 1e6:.6f} M parameters "
+full = lecture.get_config()  # gpt.py's sizes and training settings
+if SMALL:  # CI: a tiny run through the same code
+    full.update(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8, max_iters=10,
+                eval_interval=10, eval_iters=2)
+full_gpt = GPTLanguageModel(vocab_size, full.n_embd, full.block_size, ln_f=True, body=tuple(
+    Block(full.n_embd, full.n_head, full.dropout) for _ in range(full.n_layer)))
+shapes = jax.eval_shape(full_gpt.init, init_key, jnp.zeros((1, full.block_size), jnp.int32))
+print(f"your GPTLanguageModel at {full.n_layer} layers, {full.n_head} heads, {full.n_embd} wide: "
+      f"{sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)) / 1e6:.6f} M parameters "
       "(the lecture's gpt.py prints 10.788929 M)")
-if TRAIN_LECTURE:
-    lecture_config.data_path = str(DATA_PATH)
-    lecture_dir = Path("runs") / "lecture"
-    with timed("training.train, configs/lecture.py"):
-        training.train(lecture_config, lecture_dir)
-    lecture_run = pretrained.load_run(lecture_dir)
-    out = sampling.generate(lecture_run.model, lecture_run.params, idx, 500, rng=sample_key)
-    print(lecture_run.tokenizer.decode(out[0].tolist()))
-    display(Image(filename=str(plot.save([lecture_dir]))))
+if FULL_SIZE or SMALL:
+    settings = dict(eval_interval=full.eval_interval, eval_iters=full.eval_iters,
+                    learning_rate=full.learning_rate, batch_size=full.batch_size,
+                    block_size=full.block_size, name="your GPT, full size",
+                    ckpt_dir=FULL_SIZE_DIR if FULL_SIZE else runs_dir / "full_size")
+    with timed("full size, your GPTLanguageModel"):
+        full_params, full_curve = train(full_gpt, max_iters=full.max_iters, **settings)
+        if SMALL:  # CI: the same call again finds the last save and has nothing left to do
+            full_params, full_curve = train(full_gpt, max_iters=full.max_iters, **settings)
+    full_jaxgpt = model.make_model(full, vocab_size)  # to sample through jaxgpt's sampler
+    out = sampling.generate(full_jaxgpt, to_jaxgpt(full_params, full.n_layer, full.n_head), idx,
+                            30 if SMALL else 500, rng=sample_keys[5], temperature=1.0)
+    print(decode(out[0].tolist()))
 else:
-    print("not trained: set TRAIN_LECTURE = True (GPU/TPU runtime) to train configs/lecture.py")
+    print("FULL_SIZE is off on a CPU: set FULL_SIZE = True at the top (or "
+          "JAXGPT_NOTEBOOK_FULL=1) to train it here anyway")
 
 # %% [markdown]
+# ## Conclusions
+#
+# You wrote a decoder-only Transformer — the "Attention is all you need" architecture without
+# its encoder and cross-attention — and trained it on tiny Shakespeare: token and position
+# embeddings, masked multi-head self-attention, feed-forward layers, residual connections,
+# LayerNorm and dropout, each added for a measured reason, and every piece shown equal to
+# jaxgpt's model. At the lecture's full size it has about 10 million parameters, trained on a
+# text of about a million characters, and it writes text that looks like Shakespeare and means
+# nothing: GPT-3, for comparison, has 175 billion parameters and saw 300 billion tokens. On the functional side, everything
+# that PyTorch keeps inside objects was a value you held: parameters (a pytree from `init`),
+# optimizer state, random keys, the dropout switch; and every step that touches them was a pure
+# function that `jax.jit` compiles once — which is what lets jaxgpt run the same code on a CPU,
+# a GPU and a TPU pod.
+#
 # ## Where this leads: pretraining, finetuning, ChatGPT
 #
 # What you built is a *decoder-only* Transformer pretrained to continue text — the first stage
@@ -1313,7 +1692,8 @@ else:
 # ## Exercises
 #
 # The lecture ends with four exercises. Each has a prompt: try it first. The solution cell under
-# it runs; in Jupyter and Colab its code starts hidden (click to show it).
+# it runs; its code starts hidden (Jupyter: click the cell's "…" to show it; Colab shows a form
+# with the solution's title: double-click it, or *Show code*).
 #
 # ### EX1: all heads in one batched operation
 #
@@ -1321,7 +1701,8 @@ else:
 # layer making q, k and v of every head at once, shapes (B, nh, T, hs) — and check it computes
 # exactly what the `MultiHeadAttention` above computes, given the same weights.
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true} cellView="form"
+# @title EX1, a solution: all heads in one batched operation
 class CausalSelfAttention(nn.Module):
     """All heads in one batched op (nanoGPT's form, jaxgpt's model.CausalSelfAttention)."""
 
@@ -1342,7 +1723,7 @@ class CausalSelfAttention(nn.Module):
 
 nh = 4
 mha = MultiHeadAttention(nh, C // nh, C)
-mha_params = mha.init(init_key, x)["params"]
+mha_params = mha.init(jax.random.fold_in(init_key, 11), x)["params"]
 kernel = jnp.concatenate([jnp.concatenate([mha_params[f"heads_{h}"][name]["kernel"]
                                            for h in range(nh)], axis=1)  # (C, C): heads in order
                           for name in ("query", "key", "value")], axis=1)  # (C, 3C)
@@ -1353,40 +1734,102 @@ print("batched heads == heads side by side:", same)
 
 # %% [markdown]
 # jaxgpt's version is `model.CausalSelfAttention` (with a KV cache for sampling and an optional
-# fused attention kernel); `model.fuse_heads` is the kernel concatenation above.
+# fused attention kernel).
 #
 # ### EX2: a GPT that adds
 #
 # *Try it first:* train the GPT on `a+b=c` problems instead of Shakespeare. Hints from the
 # lecture: predict the digits of c in reverse (the order a carry is computed), and count the
-# loss on c only (the targets over `a+b=` carry nothing to learn).
+# loss on c only (the targets over `a+b=` carry nothing to learn: a and b are random).
 #
-# jaxgpt's solution: `jaxgpt/addition.py` and `configs/addition.py`: two-digit numbers, so
-# 10,000 problems, of which 500 (5 %) are held out and never trained on; every eval reports the
-# exact-match accuracy of greedy decoding on those 500.
+# The solution below uses your modules: two-digit numbers, so 10,000 problems, of which 500
+# are held out and never trained on. Each problem is one fixed-length sequence, `12+34=640`
+# for 12 + 34 = 46 (c written with 3 digits, units first); the model reads all but the last
+# character and predicts each next one, and a mask keeps only the predictions of c's digits in
+# the loss. It reports the exact-match accuracy of greedy decoding on the held-out problems.
+# jaxgpt's version is `jaxgpt/addition.py` and `configs/addition.py` (`python train.py
+# --config configs/addition.py`).
 
-# %% jupyter={"source_hidden": true}
-from configs import addition  # noqa: E402
+# %% jupyter={"source_hidden": true} cellView="form"
+# @title EX2, a solution: the data, the loss mask, training, held-out accuracy
+digits = 2
+add_chars = "0123456789+="
+add_encode = lambda s: [add_chars.index(ch) for ch in s]
+add_decode = lambda l: "".join(add_chars[i] for i in l)
 
-add = addition.get_config()
-if SMALL:
-    add.max_iters, add.eval_interval, add.steps_per_call, add.eval_iters = 20, 10, 10, 2
-add_dir = runs_dir / "addition"
-with timed("exercises"), contextlib.redirect_stderr(io.StringIO()):
-    training.train(add, add_dir)
-add_eval = [e for e in map(json.loads, (add_dir / "metrics.jsonl").read_text().splitlines())
-            if e["event"] == "eval"][-1]
-print(f"held-out exact-match accuracy at step {add_eval['step']}: {add_eval['accuracy']:.3f}")
-add_run = pretrained.load_run(add_dir)
-problem = "12+34="
-out = sampling.generate(add_run.model, add_run.params,
-                        jnp.array([add_run.tokenizer.encode(problem)]), 3, rng=sample_key,
-                        temperature=0.0)
-print(problem, "->", add_run.tokenizer.decode(out[0, len(problem):].tolist())[::-1],
-      "(c's digits written units first, read back reversed)")
+
+def problem(a, b):  # "12+34=640": a, b with `digits` digits, then c's digits+1 digits reversed
+    return f"{a:0{digits}d}+{b:0{digits}d}=" + f"{a + b:0{digits + 1}d}"[::-1]
+
+
+every = [problem(a, b) for a in range(10**digits) for b in range(10**digits)]
+seqs = jnp.array([add_encode(s) for s in every])  # (10000, 9) token ids
+order = jax.random.permutation(jax.random.fold_in(demo_key, 12), len(seqs))
+held_out, train_set = seqs[order[:500]], seqs[order[500:]]  # 500 never trained on
+prompt_len = 2 * digits + 2  # "12+34=": the model's input before c
+mask = jnp.arange(seqs.shape[1] - 1) >= prompt_len - 1  # (8,) the targets that are c's digits
+print(f"{len(every)} problems, e.g. {every[1234]!r}; x = {every[1234][:-1]!r}, "
+      f"y = {every[1234][1:]!r}")
+print("loss mask over y:", mask.astype(int), "(only c's digits count)")
+
+add_gpt = GPTLanguageModel(len(add_chars), 64, seqs.shape[1] - 1, ln_f=True,
+                           body=tuple(Block(64, 4) for _ in range(2)))
+
+
+def masked_loss(params, seq):
+    """seq (B, 9): the mean cross-entropy over c's digits only."""
+    x, y = seq[:, :-1], seq[:, 1:]  # (B, 8) each
+    logits = add_gpt.apply({"params": params}, x)  # (B, 8, 12)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)  # (B, 8)
+    return (losses * mask).sum() / (mask.sum() * seq.shape[0])
+
+
+add_opt = optax.adamw(1e-3, weight_decay=0.01)
+
+
+@jax.jit
+def add_steps(params, opt_state, key):
+    """100 steps on batches of 64 training problems."""
+
+    def step(carry, k):
+        params, opt_state = carry
+        batch = train_set[jax.random.randint(k, (64,), 0, len(train_set))]  # (64, 9)
+        loss, grads = jax.value_and_grad(masked_loss)(params, batch)
+        updates, opt_state = add_opt.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state),
+                                               jax.random.split(key, 100))
+    return params, opt_state, losses.mean()
+
+
+@jax.jit
+def solve(params, prompts):
+    """prompts (N, 6) "a+b=" -> (N, 3) c's digits, greedy, one token at a time."""
+    idx = prompts
+    for _ in range(digits + 1):
+        logits = add_gpt.apply({"params": params}, idx)[:, -1]  # (N, 12)
+        idx = jnp.concatenate([idx, logits.argmax(-1)[:, None]], axis=1)
+    return idx[:, prompt_len:]
+
+
+add_keys = jax.random.split(jax.random.fold_in(demo_key, 13), 2)
+add_params = add_gpt.init(add_keys[0], train_set[:1, :-1])["params"]
+add_state = add_opt.init(add_params)
+with timed("exercises"):
+    for call in range(2 if SMALL else 20):  # 100 steps a call
+        add_params, add_state, loss = add_steps(add_params, add_state,
+                                                jax.random.fold_in(add_keys[1], call))
+        if (call + 1) % (2 if SMALL else 5) == 0:
+            accuracy = (solve(add_params, held_out[:, :prompt_len])
+                        == held_out[:, prompt_len:]).all(axis=1).mean()
+            print(f"step {100 * (call + 1)}: loss on c {float(loss):.4f}, held-out exact-match "
+                  f"accuracy {float(accuracy):.3f}")
+c_digits = solve(add_params, jnp.array([add_encode("12+34=")]))[0].tolist()
+print("12+34= ->", add_decode(c_digits), "-> read back reversed:", add_decode(c_digits)[::-1])
 
 # %% [markdown]
-# *Tests:* `test_addition.py::test_masked_targets_do_not_count`,
+# *Tests* of jaxgpt's version: `test_addition.py::test_masked_targets_do_not_count`,
 # `test_addition.py::test_accuracy_agrees_with_a_hand_count`.
 #
 # ### EX3: pretrain on a large corpus, then finetune
@@ -1395,29 +1838,57 @@ print(problem, "->", add_run.tokenizer.decode(out[0, len(problem):].tolist())[::
 # pretrain on it, then initialise from that model and finetune on tiny Shakespeare with fewer
 # steps and a lower learning rate. Does pretraining lower the validation loss?
 #
-# The mechanism is `--config.init_from=WORKDIR`: a new run starts from another run's best
-# weights, with a fresh optimizer. The cell runs it on the runs above: it finetunes the
-# nanoGPT-recipe model for a few steps at a tenth of its learning rate, and its first eval is
-# the pretrained model's. [finetuning.md](finetuning.md) has the full experiment and its
-# figures: pretraining on the King James Bible, then finetuning on Shakespeare. The Bible is not
-# the corpus the exercise asks for — the pretraining run itself ends with a gap between train and
-# val loss, as finetuning.md shows — so its answer ("yes, pretraining helps") is for a
-# modest corpus.
+# The solution below needs no download: the different text is Python's own documentation,
+# which ships with Python (`pydoc_data`), English prose of about half a million characters,
+# written in Shakespeare's 65 characters (any other character becomes a space). The model is
+# the story's last small one (3 blocks with LayerNorm, 32 wide): pretrained on the documentation
+# for the story's number of steps — at that size the gap between its train and val loss stays a
+# few hundredths at most, the exercise's condition — then finetuned on Shakespeare for a tenth of them at a third of the
+# learning rate, against the same model trained on Shakespeare alone for the same short budget
+# at the story's rate. `--config.init_from=WORKDIR` does the same for `train.py`'s runs
+# ([finetuning.md](finetuning.md): the King James Bible, then Shakespeare, at a larger size).
 
-# %% jupyter={"source_hidden": true}
-ft = small_run(shakespeare_cpu.get_config())
-ft.data_path = str(DATA_PATH)
-ft.init_from = str(WORKDIRS["shakespeare_cpu"])
-ft.learning_rate, ft.min_lr = nano.learning_rate / 10, nano.min_lr / 10
-ft.max_iters = ft.lr_decay_iters = 20 if SMALL else 200
-ft.warmup_iters, ft.eval_interval = 0, ft.max_iters
-with timed("exercises"), contextlib.redirect_stderr(io.StringIO()):
-    training.train(ft, runs_dir / "finetuned")
-ft_evals = plot.read_metrics(runs_dir / "finetuned")["eval"]
-print(f"finetuning: val loss {ft_evals['val_loss'][0]:.4f} at step 0 (the pretrained run's best), "
-      f"{ft_evals['val_loss'][-1]:.4f} after {ft.max_iters} steps")
+# %% jupyter={"source_hidden": true} cellView="form"
+# @title EX3, a solution: pretrain on another text, finetune on Shakespeare, compare
+import pydoc_data.topics  # noqa: E402  Python's documentation, in the standard library
+
+docs_text = "\n\n".join(pydoc_data.topics.topics.values())
+docs_text = re.sub(r" +", " ", "".join(ch if ch in stoi else " " for ch in docs_text))
+print(f"Python's documentation: {len(docs_text):,} characters, e.g.:\n{docs_text[2000:2300]}\n")
+docs = jnp.array(encode(docs_text), dtype=jnp.int32)
+docs_split = (docs[: int(0.9 * len(docs))], docs[int(0.9 * len(docs)):])
+ft_iters = STAGE_ITERS // 10
+ex3_model = small(body=blocks(3), ln_f=True)
+with timed("exercises"):
+    pre_params, pre_curve = train(ex3_model, max_iters=STAGE_ITERS, data=docs_split,
+                                  key=jax.random.fold_in(train_key, 3), name="pretrained on the docs")
+    ft_params, finetuned = train(ex3_model, max_iters=ft_iters, params=pre_params,
+                                 learning_rate=3e-4, name=f"finetuned on Shakespeare, {ft_iters} steps")
+    _, scratch = train(ex3_model, max_iters=ft_iters, name=f"Shakespeare alone, {ft_iters} steps")
+    _, _, estimate = make_trainer(  # the eval alone: how much do two evals of one model differ?
+        ex3_model, (train_data, val_data), *jax.random.split(jax.random.fold_in(demo_key, 15)),
+        learning_rate=0.0, batch_size=32, block_size=block_size, eval_iters=STAGE_EVAL_ITERS,
+        steps_per_call=1)
+    evals_twice = [float(estimate(ft_params, jax.random.fold_in(demo_key, 16 + i))["val"])
+                   for i in range(2)]
+print(f"pretraining: train {pre_curve['train'][-1]:.4f}, val {pre_curve['val'][-1]:.4f} on the "
+      f"docs (gap {pre_curve['val'][-1] - pre_curve['train'][-1]:+.4f})")
+print(f"two evals of the finetuned model on other batches: {evals_twice[0]:.4f}, "
+      f"{evals_twice[1]:.4f} (the noise of one eval)")
+print(f"Shakespeare val loss: pretrained, not finetuned {finetuned['val'][0]:.4f}; finetuned "
+      f"{finetuned['val'][-1]:.4f} vs from scratch {scratch['val'][-1]:.4f} after {ft_iters} "
+      f"steps ({scratch['val'][-1] - finetuned['val'][-1]:+.4f} for pretraining); the story's "
+      f"model after {STAGE_ITERS} steps: {RESULTS['+ LayerNorm']['val'][-1]:.4f}")
 
 # %% [markdown]
+# Each eval averages the lecture's 200 batches; the two evals of one model on other batches
+# show how much of a difference is noise. What the documentation teaches — which letters follow which in
+# English, where spaces and capitals go — carries over to Shakespeare; what it cannot teach
+# (the plays' names, verse, archaic words) is what the finetuning adds. Pretraining on a text
+# from another domain buys a head start on a short budget, not a better model than training on
+# the target text alone for long: the comparison with the story's full-length run says how
+# much of the gap is left.
+#
 # ### EX4: a feature from a later paper — rotary position embeddings
 #
 # *Try it first:* pick a Transformer improvement from a paper after GPT-2 and add it. The
@@ -1426,7 +1897,8 @@ print(f"finetuning: val loss {ft_evals['val_loss'][0]:.4f} at step 0 (the pretra
 # pair. Write the rotation, check that a query–key score then depends only on the distance
 # between the two positions, and train the laptop-size GPT with it.
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true} cellView="form"
+# @title EX4, a solution: rotary position embeddings
 def rope_by_hand(x, positions):
     """x (T, hs): channel pairs (i, i + hs/2) rotated by position * 10000^(-2i/hs)."""
     hs = x.shape[-1]
@@ -1437,12 +1909,13 @@ def rope_by_hand(x, positions):
                            x1 * np.sin(angle) + x2 * np.cos(angle)], axis=-1)
 
 
-qv, kv = (np.asarray(jax.random.normal(k, (16,))) for k in jax.random.split(demo_key, 2))
+qv, kv = (np.asarray(jax.random.normal(k, (16,)))
+          for k in jax.random.split(jax.random.fold_in(demo_key, 14), 2))
 score = lambda m, n: rope_by_hand(qv[None], [m])[0] @ rope_by_hand(kv[None], [n])[0]
 print("q at 5 . k at 2 =", round(float(score(5, 2)), 4), "| q at 9 . k at 6 =",
       round(float(score(9, 6)), 4), "(the same distance: the same score)")
-print("jaxgpt's model.rope is the same rotation:", np.allclose(
-    model.rope(jnp.asarray(qv)[None], jnp.array([5])), rope_by_hand(qv[None], [5]), atol=1e-5))
+print("jaxgpt's attention.rope is the same rotation:", np.allclose(
+    attention.rope(jnp.asarray(qv)[None], jnp.array([5])), rope_by_hand(qv[None], [5]), atol=1e-5))
 
 rope_cfg = small_run(shakespeare_cpu.get_config())
 rope_cfg.update(data_path=str(DATA_PATH), position="rope", max_iters=SCALED_ITERS,
@@ -1463,18 +1936,57 @@ print(f"nanoGPT's recipe, learned positions: val loss {final['shakespeare_cpu']:
 # |---|---|
 # | `m = Model(); m.parameters()` | `params = m.init(key, x)["params"]`: a pytree you hold |
 # | `logits = m(x)` | `logits = m.apply({"params": params}, x)` |
+# | `__init__` + `forward` | `setup` + `__call__`, or one `@nn.compact` `__call__` |
 # | `nn.Linear(i, o).weight`, (o, i) | `nn.Dense(o)`'s `kernel`, (i, o) |
-# | `torch.manual_seed(1337)` | `root = jax.random.PRNGKey(1337)`; `split` for new keys, `fold_in(key, step)` per step |
+# | `torch.manual_seed(1337)` | `root = jax.random.key(1337)`; `split` for new keys, `fold_in(key, step)` per step |
 # | `a[i] = v` | `a = a.at[i].set(v)` |
-# | `F.cross_entropy(logits.view(B*T, C), targets.view(B*T))` | `optax.softmax_cross_entropy_with_integer_labels(logits, targets)` |
+# | `F.cross_entropy(logits.view(B*T, C), targets.view(B*T))` | `optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()` |
 # | `torch.multinomial(F.softmax(logits), 1)` | `jax.random.categorical(key, logits)` |
 # | `@torch.no_grad()` | nothing: gradients exist only where `jax.grad` is called |
 # | `loss.backward()` | `loss, grads = jax.value_and_grad(loss_fn)(params, ...)` |
 # | `optimizer.step()` | `updates, opt_state = tx.update(grads, opt_state, params)`; `params = optax.apply_updates(params, updates)` |
 # | `model.train()` / `model.eval()` | `deterministic=False` / `True`, `rngs={"dropout": key}` |
-# | (eager, op by op) | `jax.jit`: the whole step one compiled program |
+# | (eager, op by op) | `jax.jit`: the whole step one compiled program, traced once per shape |
+# | a loop over a batch | `jax.vmap`, `jax.lax.map` |
 # | `for _ in range(n): idx = cat(idx, next)` | `jax.lax.scan` over a fixed-shape cache |
+# | `torch.save(model.state_dict(), path)` | `ocp.StandardCheckpointer().save(path, params)` |
 #
+# ## Appendix: linen and NNX
+#
+# This notebook, and jaxgpt, use Flax's *linen* API: a module is a description, and the
+# parameters are a separate value that every call takes — pure functions over params, which is
+# what this project is about (every transformation, `jit`, `grad`, `vmap`, sees plain functions
+# of arrays). Flax's newer *NNX* API goes back to PyTorch's shape: a module object holds its
+# parameters as attributes, created with an explicit `rngs` in `__init__`, and `nnx.jit` /
+# `nnx.grad` handle the state for you. The lecture's `Head` in NNX, given the linen head's
+# weights from above, computes the same:
+
+# %%
+from flax import nnx  # noqa: E402
+
+
+class HeadNNX(nnx.Module):
+    """One head of self-attention, as an NNX object that holds its weights."""
+
+    def __init__(self, n_embd, head_size, rngs):
+        self.key = nnx.Linear(n_embd, head_size, use_bias=False, rngs=rngs)
+        self.query = nnx.Linear(n_embd, head_size, use_bias=False, rngs=rngs)
+        self.value = nnx.Linear(n_embd, head_size, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):  # (B, T, C) -> (B, T, hs), as Head.__call__
+        T = x.shape[1]
+        wei = self.query(x) @ self.key(x).swapaxes(-2, -1) * self.key.out_features**-0.5
+        wei = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((T, T), bool)), wei, -jnp.inf), -1)
+        return wei @ self.value(x)
+
+
+head_nnx = HeadNNX(C, head_size, nnx.Rngs(0))
+for name in ("key", "query", "value"):  # the weights live in the object: assign them
+    getattr(head_nnx, name).kernel.value = head_params[name]["kernel"]
+print("NNX head == linen head:", np.allclose(head_nnx(x), head.apply({"params": head_params}, x),
+                                             atol=1e-5))
+
+# %% [markdown]
 # How long each part took on this run's machine:
 
 # %%
@@ -1482,3 +1994,4 @@ print(f"{jax.devices()[0].platform}, {os.cpu_count()} CPU cores"
       f"{' (JAXGPT_NOTEBOOK_SMALL settings)' if SMALL else ''}")
 for part, seconds in TIMES.items():
     print(f"{seconds:7.1f} s  {part}")
+print(f"{time.perf_counter() - T_START:7.1f} s  in all (every cell)")

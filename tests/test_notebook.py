@@ -54,6 +54,17 @@ def test_the_notebook_writes_the_lectures_modules_itself():
         assert f"### EX{n}:" in source and "Try it first" in source
 
 
+def test_solutions_start_hidden_in_jupyter_and_colab():
+    """Jupyter hides a cell's code with jupyter.source_hidden, Colab with cellView "form" (the
+    cell's `# @title` line is what it shows)."""
+    solutions = [c for c in jupytext.read(NOTEBOOK).cells if "@title EX" in c.source]
+    assert len(solutions) == 4
+    for c in solutions:
+        assert c.metadata.get("cellView") == "form", c.source[:40]
+        assert c.metadata.get("jupyter", {}).get("source_hidden") is True, c.source[:40]
+        assert c.source.startswith("# @title EX"), c.source[:40]
+
+
 # a figure in prose is either attributed (the lecture's, nanoGPT's, a paper's) or a value the
 # notebook computed: then its outputs hold it (to the digits the prose gives) or a recipe sets it
 ATTRIBUTED = re.compile(r"lecture|nanoGPT|reports|OpenAI|GPT-3|paper|Su et al", re.I)
@@ -92,6 +103,27 @@ def test_no_figure_in_the_prose_contradicts_the_outputs():
                 f"{number!r} in {sentence.strip()[:120]!r}: not in the outputs nor a recipe's"
         assert not re.search(r"\b\d+(\.\d+)? ?(s|seconds|minutes)\b", cell.source), \
             "timings belong in computed outputs, not in the prose"
+
+
+def test_run_times_stated_up_front_are_the_saved_runs():
+    """The intro's table of run times (minutes on the CPU) against the last cell's printed
+    seconds per part, from the same run as the saved outputs."""
+    nb = jupytext.read(NOTEBOOK)
+    intro = next(c.source for c in nb.cells if "How long it takes" in c.source)
+    rows = dict(re.findall(r"^\| (.+?) \| (.+?) \|$", intro, re.M))
+    last = [c for c in nb.cells if c.cell_type == "code"][-1]
+    printed = {name.strip(): float(seconds) for seconds, name in re.findall(
+        r"^\s*([\d.]+) s  (.+)$", "".join(o.get("text", "") for o in last.outputs), re.M)}
+    assert "in all (every cell)" in rows and "in all (every cell)" in printed
+    for part, seconds in printed.items():
+        assert part in rows, f"{part!r} is missing from the table up front"
+        stated = rows[part]
+        if stated == "under a minute":
+            assert seconds < 60, (part, seconds)
+        else:
+            minutes = float(re.fullmatch(r"(\d+) min", stated).group(1))
+            assert abs(minutes - seconds / 60) <= max(1, 0.2 * seconds / 60), \
+                (part, stated, seconds)
 
 
 def test_prose_numbers_finds_what_it_checks():
