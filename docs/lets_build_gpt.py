@@ -224,7 +224,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from IPython.display import Markdown, display
 
-from jaxgpt import attention, batches, model, plot, pretrained, sampling, training
+from jaxgpt import batches, model, plot, pretrained, sampling, training
 from jaxgpt.tokenizer import CharTokenizer
 
 absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's informational warnings
@@ -1915,7 +1915,7 @@ score = lambda m, n: rope_by_hand(qv[None], [m])[0] @ rope_by_hand(kv[None], [n]
 print("q at 5 . k at 2 =", round(float(score(5, 2)), 4), "| q at 9 . k at 6 =",
       round(float(score(9, 6)), 4), "(the same distance: the same score)")
 print("jaxgpt's attention.rope is the same rotation:", np.allclose(
-    attention.rope(jnp.asarray(qv)[None], jnp.array([5])), rope_by_hand(qv[None], [5]), atol=1e-5))
+    jaxgpt.attention.rope(jnp.asarray(qv)[None], jnp.array([5])), rope_by_hand(qv[None], [5]), atol=1e-5))
 
 rope_cfg = small_run(shakespeare_cpu.get_config())
 rope_cfg.update(data_path=str(DATA_PATH), position="rope", max_iters=SCALED_ITERS,
