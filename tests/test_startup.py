@@ -95,7 +95,7 @@ def test_out_of_memory_is_one_line_naming_what_to_change(text_file, tmp_path, mo
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
                                          "allocate 18.2G\nmore lines of XLA's report")
 
-    monkeypatch.setattr(training, "_run", exhausted)
+    monkeypatch.setattr(training.Loop, "run", exhausted)
     with pytest.raises(UserError) as e:
         training.train(tiny(text_file, batch_size=8, gradient_accumulation_steps=5),
                        str(tmp_path / "w"))
