@@ -269,7 +269,7 @@ def small_run(c):
     return c
 
 
-runs_dir = Path(tempfile.mkdtemp(prefix="jaxgpt_notebook_"))  # this session's runs
+runs_dir = Path(tempfile.mkdtemp(prefix="jaxgpt_notebook_"))  # this notebook run's workdirs
 
 # %% [markdown]
 # ## Reading the data
@@ -1374,7 +1374,7 @@ with timed("the scaled-up GPT, your modules"):
 # **Saving your model.** Params are a pytree of arrays, so orbax — the checkpoint library of
 # the JAX stack, which jaxgpt's runs use too — saves them in one call and restores them in
 # another, given the tree's shapes and dtypes (so it can place each array where it belongs).
-# In Colab, save into a mounted Google Drive folder to keep them past the session.
+# In Colab, save into a mounted Google Drive folder to keep them past the runtime.
 
 # %%
 checkpointer = ocp.StandardCheckpointer()
@@ -1617,7 +1617,7 @@ print(decode(out[0].tolist()))
 # lecture reports val loss 1.48 for it. Here it is *your* `GPTLanguageModel`, trained by your
 # `train`, with dropout on while training. It takes hours on a CPU, so `FULL_SIZE` (set at the
 # top) is off there and on by default on a GPU or TPU runtime (how long there: not measured
-# here). It saves a checkpoint after every eval into `FULL_SIZE_DIR`; if the session
+# here). It saves a checkpoint after every eval into `FULL_SIZE_DIR`; if the runtime
 # disconnects, run the notebook again up to here and this cell resumes from the last save.
 # `configs/lecture.py` is the same model for `train.py` (`python train.py --config
 # configs/lecture.py`), with gpt.py's normal(0.02) init.
