@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     # each before that iter's step: the last after max_iters-1 steps); False: nanoGPT's (the
     # last eval after all max_iters steps)
     c.eval_before_last_step = False
+    # False: no eval before the first step of a fresh run (its loss is ~ln(vocab); nanoGPT's
+    # loop has one): a run that only needs its final loss saves that eval's time
+    c.eval_at_start = True
     # a HellaSwag JSONL file (jaxgpt/hellaswag.py) scored at every eval, as hellaswag_acc and
     # hellaswag_acc_norm beside the losses ("" = none); its first hellaswag_limit examples
     # (0 = all), batch_size // 4 examples per call

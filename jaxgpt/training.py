@@ -134,7 +134,8 @@ class Schedule:
     lecture's loop (`eval_before_last_step`) at iter max_iters - 1 instead, before that iter's
     step, and not after it. A call never runs past the next eval or max_iters. `evaluated`: a
     resumed step whose eval was done and saved already (a step saved on preemption in the
-    middle of its eval has no val loss, and is evaluated again).
+    middle of its eval has no val loss, and is evaluated again). `eval_at_start=False`: none at
+    step 0 (the others stay where they were).
     """
 
     max_iters: int
@@ -142,18 +143,20 @@ class Schedule:
     steps_per_call: int = 1
     eval_before_last_step: bool = False
     evaluated: int | None = None
+    eval_at_start: bool = True
 
     @classmethod
     def from_config(cls, config, evaluated: int | None = None) -> "Schedule":
         return cls(config.max_iters, config.eval_interval, config.steps_per_call,
-                   config.eval_before_last_step, evaluated)
+                   config.eval_before_last_step, evaluated, config.eval_at_start)
 
     @property
     def last_eval(self) -> int:
         return self.max_iters - 1 if self.eval_before_last_step else self.max_iters
 
     def eval_due(self, step: int) -> bool:
-        regular = step % self.eval_interval == 0 and step < self.last_eval
+        regular = (step % self.eval_interval == 0 and step < self.last_eval
+                   and (step > 0 or self.eval_at_start))
         return (regular or step == self.last_eval) and step != self.evaluated
 
     def call_steps(self, step: int) -> int:

@@ -17,7 +17,7 @@ from jaxgpt import step as step_lib
 from jaxgpt.errors import UserError
 from jaxgpt.model import make_model
 from jaxgpt.tokenizer import CharTokenizer
-from tests.conftest import synthetic_text, tiny
+from tests.conftest import synthetic_text, tiny, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -244,7 +244,7 @@ print("ok")
 
 def test_restore_across_device_counts(tmp_path):
     """Saved from 8 devices (FSDP-sharded params), restored on 1 device and back onto 8."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8),
            "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path)], capture_output=True,
                        text=True, env=env, timeout=300)

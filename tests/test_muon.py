@@ -20,7 +20,7 @@ from jaxgpt import aot, bench, flops, optim, parallel, tpus, training
 from jaxgpt.config import base_config, validate
 from jaxgpt.errors import UserError
 from jaxgpt.model import make_model
-from tests.conftest import synthetic_text, tiny
+from tests.conftest import synthetic_text, tiny, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,7 +194,7 @@ FSDP_WORKER = textwrap.dedent("""
 
 def test_fsdp_shards_muon_state_like_the_params():
     """On a 2-device fsdp mesh, Muon's momentum of each kernel is sharded as that kernel."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2),
                JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", FSDP_WORKER], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300)

@@ -142,10 +142,6 @@ def test_every_cell_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXGPT_SHAKESPEARE", str(text))
     monkeypatch.setenv("HOME", str(tmp_path))  # nothing written outside tmp_path
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    # at these settings compiling is most of the time: LLVM at -O0 compiles faster (0.6x the
-    # run's time on 2 cores); what the cells check does not depend on it
-    monkeypatch.setenv("XLA_FLAGS", " ".join(
-        [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip())
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [str(DOCS.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     nb = jupytext.read(SOURCE)

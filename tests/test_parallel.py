@@ -20,7 +20,7 @@ import pytest
 from jaxgpt import parallel, prepare
 from jaxgpt import tokenizer as tokenizers
 from jaxgpt.errors import UserError
-from tests.conftest import byte_encoding, synthetic_text, tiny
+from tests.conftest import byte_encoding, synthetic_text, tiny, xla_flags
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def workers(corpus, tmp_path_factory):
 
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAXGPT_")}
-    return dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    return dict(env, XLA_FLAGS=xla_flags(devices),
                 JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **extra)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from jaxgpt import checkpoint, preemption, pretrained, training
-from tests.conftest import tiny
+from tests.conftest import tiny, xla_flags
 from tests.test_parallel import _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def cli_config(text, **overrides):
 
 def start(args, log: Path, devices: int = 1, **env):
     env = dict({k: v for k, v in os.environ.items() if not k.startswith("JAXGPT_")},
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               XLA_FLAGS=xla_flags(devices),
                JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **env)
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out,

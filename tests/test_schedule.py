@@ -8,17 +8,21 @@ import itertools
 
 import pytest
 
+from configs import shakespeare_cpu_muon
 from jaxgpt.training import Evaluate, Schedule, Steps
 
 
-def reference_evals(start, max_iters, eval_interval, lecture=False, evaluated=None):
-    """The steps a step-by-step loop evaluates at, from `start` (a resumed run's step)."""
+def reference_evals(start, max_iters, eval_interval, lecture=False, evaluated=None,
+                    at_start=True):
+    """The steps a step-by-step loop evaluates at, from `start` (a resumed run's step);
+    at_start=False: the same loop with `and iter > 0` on its regular evals."""
     evals = []
     for it in range(start, max_iters + 1):
         if lecture:  # gpt.py: `if iter % eval_interval == 0 or iter == max_iters - 1`
-            due = (it % eval_interval == 0 or it == max_iters - 1) and it < max_iters
+            due = ((it % eval_interval == 0 and (it > 0 or at_start)) or it == max_iters - 1) \
+                and it < max_iters
         else:  # nanoGPT: `if iter_num % eval_interval == 0`, and its last iteration
-            due = it % eval_interval == 0 or it == max_iters
+            due = (it % eval_interval == 0 and (it > 0 or at_start)) or it == max_iters
         if due and it != evaluated:
             evals.append(it)
     return evals
@@ -32,14 +36,17 @@ def run(schedule, start):
             [(e.step, e.n) for e in events if isinstance(e, Steps)])
 
 
-CASES = list(itertools.product([1, 7, 10, 12], [1, 3, 4, 5], [1, 2, 3, 8], [False, True]))
+CASES = list(itertools.product([1, 7, 10, 12], [1, 3, 4, 5], [1, 2, 3, 8], [False, True],
+                               [True, False]))
 
 
-@pytest.mark.parametrize("max_iters, eval_interval, steps_per_call, lecture", CASES)
-def test_events_match_the_step_by_step_loop(max_iters, eval_interval, steps_per_call, lecture):
-    schedule = Schedule(max_iters, eval_interval, steps_per_call, lecture)
+@pytest.mark.parametrize("max_iters, eval_interval, steps_per_call, lecture, at_start", CASES)
+def test_events_match_the_step_by_step_loop(max_iters, eval_interval, steps_per_call, lecture,
+                                            at_start):
+    schedule = Schedule(max_iters, eval_interval, steps_per_call, lecture,
+                        eval_at_start=at_start)
     evals, calls = run(schedule, 0)
-    assert evals == reference_evals(0, max_iters, eval_interval, lecture)
+    assert evals == reference_evals(0, max_iters, eval_interval, lecture, at_start=at_start)
     # the calls tile 0..max_iters in order, each at most steps_per_call long
     assert [s for s, _ in calls] == list(itertools.accumulate([0] + [n for _, n in calls]))[:-1]
     assert sum(n for _, n in calls) == max_iters
@@ -53,6 +60,16 @@ def test_nanogpts_last_eval_is_after_the_last_step():
     evals, calls = run(Schedule(10, 4), 0)
     assert evals == [0, 4, 8, 10] and calls[-1] == (9, 1)
     assert not Schedule(10, 4).saves_last_step(10)  # its last eval saved the final state
+
+
+def test_eval_at_start_false_skips_only_the_first_eval():
+    """The Muon recipe's setting, read from a config: one eval, after the last step."""
+    c = shakespeare_cpu_muon.get_config()
+    evals, calls = run(Schedule.from_config(c), 0)
+    assert not c.eval_at_start and evals == [c.max_iters]
+    assert calls == [(s, c.steps_per_call) for s in range(0, c.max_iters, c.steps_per_call)]
+    c.eval_interval = c.max_iters // 2  # the regular evals after step 0 stay
+    assert run(Schedule.from_config(c), 0)[0] == [c.max_iters // 2, c.max_iters]
 
 
 def test_the_lectures_last_eval_is_before_the_last_step():
