@@ -94,8 +94,13 @@ def abstract_like(state):
         for k in STATE_FIELDS})
 
 
+@jax.jit
+def _finite_norm(params) -> jax.Array:
+    return jnp.isfinite(optax.tree.norm(params))  # one compiled call, not one per leaf
+
+
 def is_finite(state) -> bool:
-    return bool(jnp.isfinite(optax.tree.norm(state.params)))
+    return bool(_finite_norm(state.params))
 
 
 def save(manager, state, val_loss: float | None) -> bool:
