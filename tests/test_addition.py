@@ -141,8 +141,9 @@ def greedy_sums(model, params, ids, digits: int) -> np.ndarray:
     """c of each problem, decoded greedily one digit at a time by full forward passes (no
     sampling code), reversed back to a number."""
     seq = np.asarray(addition.encode(jnp.asarray(ids), digits, True))[:, :2 * digits + 2]
+    forward = jax.jit(model.apply)
     for _ in range(digits + 1):  # `a+b=` then c's digits, units first
-        logits = model.apply({"params": params}, jnp.asarray(seq))  # (N, T, 12)
+        logits = forward({"params": params}, jnp.asarray(seq))  # (N, T, 12)
         seq = np.concatenate([seq, np.asarray(logits[:, -1].argmax(-1))[:, None]], axis=1)
     c = seq[:, 2 * digits + 2:]  # (N, digits+1), least significant first
     return (c * 10 ** np.arange(digits + 1)).sum(1)

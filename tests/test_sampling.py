@@ -26,9 +26,11 @@ def make(kind):
 
 
 def naive_greedy(model, params, idx, max_new_tokens):
-    """nanoGPT's generate under argmax: the whole cropped context through the model per token."""
+    """nanoGPT's generate under argmax: the whole cropped context through the model per token
+    (jitted: a compile per context length, where op-by-op would compile every op per length)."""
+    forward = jax.jit(model.apply)
     for _ in range(max_new_tokens):
-        logits = model.apply({"params": params}, idx[:, -BLOCK:])  # (B, t, V)
+        logits = forward({"params": params}, idx[:, -BLOCK:])  # (B, t, V)
         idx = jnp.concatenate([idx, jnp.argmax(logits[:, -1], -1)[:, None]], axis=1)
     return idx
 
@@ -191,9 +193,9 @@ def test_slide_k_equals_its_naive_rule(kind, slide):
     idx = jax.random.randint(jax.random.PRNGKey(5), (2, 3), 0, VOCAB)
     got = sampling.generate(model, params, idx, 4 * BLOCK, rng=jax.random.PRNGKey(1),
                             temperature=0, slide=slide)
-    context, out = idx, idx
+    context, out, forward = idx, idx, jax.jit(model.apply)
     for _ in range(4 * BLOCK):
-        tok = jnp.argmax(model.apply({"params": params}, context)[:, -1], -1)[:, None]
+        tok = jnp.argmax(forward({"params": params}, context)[:, -1], -1)[:, None]
         out = jnp.concatenate([out, tok], axis=1)
         context = jnp.concatenate([context[:, slide:] if context.shape[1] == BLOCK else context,
                                    tok], axis=1)
