@@ -425,20 +425,25 @@ def test_no_dropout_on_the_embeddings():
     def block_0_input(embd_dropout):
         config = GPTConfig(**SIZES, dropout=0.5, embd_dropout=embd_dropout)
         model, idx = GPT(config), jnp.arange(8)[None] % 11
-        params = model.init(jax.random.PRNGKey(0), idx)["params"]
-        seen = []
+        params = jax.jit(model.init)(jax.random.PRNGKey(0), idx)["params"]
 
-        def record(f, args, kwargs, context):
-            if (isinstance(context.module, Block) and context.module.name == "h_0"
-                    and context.method_name == "__call__"):
-                seen.append(args[0])
-            return f(*args, **kwargs)
+        @jax.jit  # one compiled program instead of every op compiled on its own
+        def block_0_sees(params):
+            seen = []
 
-        with nn.intercept_methods(record):
-            model.apply({"params": params}, idx, deterministic=False,
-                        rngs={"dropout": jax.random.PRNGKey(1)})
+            def record(f, args, kwargs, context):
+                if (isinstance(context.module, Block) and context.module.name == "h_0"
+                        and context.method_name == "__call__"):
+                    seen.append(args[0])
+                return f(*args, **kwargs)
+
+            with nn.intercept_methods(record):
+                model.apply({"params": params}, idx, deterministic=False,
+                            rngs={"dropout": jax.random.PRNGKey(1)})
+            return seen[0]
+
         emb = params["wte"]["embedding"][idx] + params["wpe"]["embedding"][:8]
-        return seen[0], emb
+        return block_0_sees(params), emb
 
     x, emb = block_0_input(embd_dropout=False)
     np.testing.assert_array_equal(x, emb)
