@@ -21,6 +21,7 @@ PARAM_COUNTS = ("nanogpt", "all")
 OPTIMIZERS = ("adamw", "muon")
 DECAY_SHAPES = ("cosine", "linear")
 MUON_SCALES = ("width", "rms", "none")
+NS_COEFFS = ("quintic", "polar_express")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -73,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
     # decoupled, times the lr (torch's AdamW convention); modded-nanogpt's early records: 0
     c.muon_weight_decay = 0.0
     c.muon_ns_steps = 5
+    # Newton–Schulz coefficients: quintic (modded-nanogpt's fixed 3.4445, -4.775, 2.0315; optax's)
+    # | polar_express (a set per iteration, Amsel et al. 2025: closer to orthogonal in as many
+    # steps; at most 5)
+    c.muon_ns_coeffs = "quintic"
     # the orthogonalised update's scale: width sqrt(max(1, fan_out/fan_in)) (Keller Jordan) |
     # rms 0.2 sqrt(max(fan_in, fan_out)) (Moonshot: AdamW's update size) | none
     c.muon_scale = "width"
@@ -145,6 +150,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of(config, "optimizer", OPTIMIZERS)
     _one_of(config, "decay_shape", DECAY_SHAPES)
     _one_of(config, "muon_scale", MUON_SCALES)
+    _one_of(config, "muon_ns_coeffs", NS_COEFFS)
     try:
         GPTConfig.from_config(config, vocab_size=1)
         attention.check(config.attention_impl, config.dtype, jax.default_backend())
@@ -175,6 +181,9 @@ def _check_muon(config):
     if config.muon_ns_steps <= 0:
         raise UserError(f"config.muon_ns_steps={config.muon_ns_steps}: must be a positive "
                         "integer (modded-nanogpt: 5)")
+    if config.muon_ns_coeffs == "polar_express" and config.muon_ns_steps > 5:
+        raise UserError(f"config.muon_ns_steps={config.muon_ns_steps}: polar_express has "
+                        "coefficients for at most 5 steps")
 
 
 def _one_of(config, key, allowed):

@@ -10,8 +10,24 @@ import optax
 
 from jaxgpt.config import lr_decay_iters
 
-# modded-nanogpt's quintic Newton–Schulz coefficients (optax's default too)
+# modded-nanogpt's quintic Newton–Schulz coefficients (optax's default too): one (a, b, c) for
+# every iteration
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel et al. 2025, modded-nanogpt's current records): an (a, b, c) per iteration,
+# each the best for the interval the previous ones leave, so the first k are Polar Express's
+# k-step method; X is normalised by 1.02 ||X||_F (their safety factor)
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+
+
+def ns_coefficients(kind: str, steps: int) -> tuple[tuple, float]:
+    """(a, b, c) of each of `steps` iterations, and the normalisation's safety factor."""
+    if kind == "polar_express":
+        return POLAR_EXPRESS[:steps], 1.02
+    return (NS_COEFFS,) * steps, 1.0
 
 
 def lr_schedule(config, peak: float | None = None) -> optax.Schedule:
@@ -80,18 +96,19 @@ def muon(config) -> optax.GradientTransformation:
     (times the learning rate, as torch), at muon_lr on the recipe's schedule shape."""
     return optax.chain(
         scale_by_muon(config.muon_momentum, config.muon_ns_steps, config.muon_nesterov,
-                      config.muon_scale),
+                      config.muon_scale, coeffs=config.muon_ns_coeffs),
         optax.add_decayed_weights(config.muon_weight_decay),
         optax.scale_by_learning_rate(lr_schedule(config, peak=config.muon_lr)))
 
 
-def newton_schulz(g, steps: int, eps: float = 1e-8):
+def newton_schulz(g, steps: int, eps: float = 1e-8, coeffs: str = "quintic"):
     """G (m, n) -> ≈ U V^T of G's SVD: modded-nanogpt's quintic iteration on G / ||G||_F, run on
-    the wide orientation (m <= n) so X X^T is the smaller (m, m) Gram matrix."""
-    a, b, c = NS_COEFFS
+    the wide orientation (m <= n) so X X^T is the smaller (m, m) Gram matrix; `coeffs`
+    "quintic" (fixed coefficients) or "polar_express" (one set per iteration)."""
+    per_step, safety = ns_coefficients(coeffs, steps)
     x = g.T if g.shape[0] > g.shape[1] else g  # (m, n), m <= n
-    x = x / (jnp.linalg.norm(x) + eps)  # spectral norm <= 1
-    for _ in range(steps):
+    x = x / (jnp.linalg.norm(x) * safety + eps)  # spectral norm <= 1
+    for a, b, c in per_step:
         A = x @ x.T  # (m, m)
         B = b * A + c * A @ A  # (m, m)
         x = a * x + B @ x  # (m, n)
@@ -113,7 +130,8 @@ class MuonState(NamedTuple):
 
 
 def scale_by_muon(beta: float = 0.95, ns_steps: int = 5, nesterov: bool = True,
-                  scale: str = "width", eps: float = 1e-8) -> optax.GradientTransformation:
+                  scale: str = "width", eps: float = 1e-8,
+                  coeffs: str = "quintic") -> optax.GradientTransformation:
     """optax.contrib.scale_by_muon's update (the same bias-corrected Nesterov momentum), then
     `shape_scale`, on 2-D leaves."""
     # optax's own reshapes every matrix to (1, m, n) and vmaps its Newton–Schulz: XLA CPU then
@@ -134,7 +152,8 @@ def scale_by_muon(beta: float = 0.95, ns_steps: int = 5, nesterov: bool = True,
         else:
             mu_hat = optax.tree.bias_correction(mu, beta, count)
         updates = jax.tree.map(
-            lambda m: newton_schulz(m, ns_steps, eps) * shape_scale(m.shape, scale), mu_hat)
+            lambda m: newton_schulz(m, ns_steps, eps, coeffs) * shape_scale(m.shape, scale),
+            mu_hat)
         return updates, MuonState(count, mu)
 
     return optax.GradientTransformation(init, update)

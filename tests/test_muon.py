@@ -36,6 +36,24 @@ def np_newton_schulz(g, steps):
     return x.T if g.shape[0] > g.shape[1] else x
 
 
+# Polar Express's 5-step coefficients and safety factor, as modded-nanogpt's train_gpt.py has them
+NP_POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+                    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+
+
+def np_polar_express(g, steps):
+    """modded-nanogpt's polar_express in numpy (float64): a per-iteration (a, b, c)."""
+    x = g.T if g.shape[0] > g.shape[1] else g
+    x = x / (np.linalg.norm(x) * 1.02 + 1e-8)
+    for a, b, c in NP_POLAR_EXPRESS[:steps]:
+        A = x @ x.T
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.T if g.shape[0] > g.shape[1] else x
+
+
 def small_tree(seed):
     rng = np.random.default_rng(seed)
     shapes = {"h_0": {"attn": {"c_attn": {"kernel": (8, 24), "bias": (24,)}},
@@ -119,6 +137,31 @@ def muon_paths(config, vocab=11):
     every = {"/".join(k.key for k in path): label
              for path, label in jax.tree_util.tree_leaves_with_path(labels)}
     return {p for p, label in every.items() if label == "muon"}, set(every)
+
+
+@pytest.mark.parametrize("steps", [3, 5])
+@pytest.mark.parametrize("shape", [(8, 24), (32, 8)])
+def test_polar_express_equals_numpy(steps, shape):
+    g = np.random.default_rng(steps).normal(size=shape)
+    got = optim.newton_schulz(jnp.asarray(g, jnp.float32), steps, coeffs="polar_express")
+    np.testing.assert_allclose(got, np_polar_express(g, steps), rtol=1e-4, atol=1e-5)
+
+
+def test_polar_express_ends_closer_to_orthogonal_than_the_quintic():
+    """Its purpose: in as many steps, the singular values of the result end nearer 1 (a
+    gradient-like matrix: a few large directions over many small ones)."""
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.normal(size=(64, 64)))
+    v, _ = np.linalg.qr(rng.normal(size=(256, 64)))
+    g = (u * np.geomspace(1, 1e-3, 64)) @ v.T  # (64, 256), condition number 1e3
+    spread = {}
+    for coeffs in ("quintic", "polar_express"):
+        for steps in (4, 5):
+            s = np.linalg.svd(optim.newton_schulz(jnp.asarray(g, jnp.float32), steps,
+                                                  coeffs=coeffs), compute_uv=False)
+            spread[coeffs, steps] = np.abs(s - 1).max()
+    for steps in (4, 5):
+        assert spread["polar_express", steps] < spread["quintic", steps], spread
 
 
 def test_partition_gpt2_shapes():
@@ -211,6 +254,7 @@ def test_fsdp_shards_muon_state_like_the_params():
     ("muon_lr", -0.01, "must be > 0"),
     ("muon_momentum", 1.0, "must be in [0, 1)"),
     ("muon_ns_steps", 0, "must be a positive integer"),
+    ("muon_ns_coeffs", "cubic", "must be one of quintic, polar_express"),
     ("decay_shape", "step", "must be one of cosine, linear"),
 ])
 def test_wrong_muon_keys_are_one_line(key, value, says):
@@ -279,3 +323,11 @@ def test_resuming_with_another_optimizer_is_one_line(tmp_path):
         training.train(tiny(data, max_iters=10, eval_interval=5, optimizer="muon"),
                        tmp_path / "run")
     assert "\n" not in str(e.value)
+
+
+def test_polar_express_has_coefficients_for_5_steps_at_most():
+    c = base_config()
+    c.muon_ns_coeffs, c.muon_ns_steps = "polar_express", 6
+    with pytest.raises(UserError, match="muon_ns_steps=6: polar_express has coefficients for at "
+                                        "most 5 steps"):
+        validate(c)
