@@ -58,7 +58,8 @@ def workers(corpus, tmp_path_factory):
 
 
 def _env(devices: int, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXGPT_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXGPT_")
+           or k == "JAXGPT_COMPILATION_CACHE"}
     return dict(env, XLA_FLAGS=xla_flags(devices),
                 JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **extra)
 

@@ -59,7 +59,8 @@ def cli_config(text, **overrides):
 
 
 def start(args, log: Path, devices: int = 1, **env):
-    env = dict({k: v for k, v in os.environ.items() if not k.startswith("JAXGPT_")},
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("JAXGPT_")
+                or k == "JAXGPT_COMPILATION_CACHE"},
                XLA_FLAGS=xla_flags(devices),
                JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **env)
     with log.open("w") as out:
