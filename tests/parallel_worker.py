@@ -85,7 +85,9 @@ def train_mode(out_dir, text, bins):
     """train() end to end on both data paths, on a data 2 x fsdp 2 mesh of 4 devices (with two
     processes, the params are split and the batch rows loaded across them)."""
     for path in ("device", "host"):
-        c = config(text, bins, host=path == "host")
+        # the host path scores the fixed val set (gpt2_fineweb.py's): the same windows on 1 and
+        # on 2 processes, each process reading its rows of them
+        c = config(text, bins, host=path == "host", fixed_val=path == "host")
         c.mesh.data, c.mesh.fsdp = 2, 2
         state = training.train(c, Path(out_dir) / path)
         assert n_fsdp_sharded(state.params) >= 4, "FSDP split no parameter"

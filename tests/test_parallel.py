@@ -115,7 +115,8 @@ def test_two_processes_match_one_process(workers):
     tmp_path, procs = workers
     for name in ("p0", "p1", "ref"):
         _finish(procs[name])
-    for path in ("device", "host"):  # replicated char data | per-process BPE rows
+    # replicated char data | per-process BPE rows, the val loss on the fixed val set
+    for path in ("device", "host"):
         # one shared workdir, as on a pod: process 0 alone writes metrics.jsonl, so no event
         # appears twice
         multi, single = (_metrics(tmp_path / d / path / "metrics.jsonl") for d in ("multi", "ref"))
