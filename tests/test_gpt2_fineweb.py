@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from configs import gpt2_fineweb
-from jaxgpt import batches, bins, parallel, step, training
+from jaxgpt import batches, bins, metrics, parallel, step, training
 from jaxgpt import config as config_lib
+from jaxgpt import tokenizer as tokenizers
 from jaxgpt.errors import UserError
-from tests.conftest import tiny
+from tests.conftest import byte_encoding, tiny
 
 
 def test_the_recipe_is_build_nanogpt_train_gpt2():
@@ -102,3 +103,18 @@ def test_the_eval_loss_of_the_fixed_set_is_the_heldout_loss(tmp_path):
     params = jax.device_put(s.state.params, parallel.replicated(mesh))
     ref = step.heldout_loss(s.model, params, val[:n], c.block_size, c.batch_size)
     np.testing.assert_allclose(losses["val"], ref, rtol=1e-5)
+
+
+def test_a_resumed_run_scores_the_same_fixed_val_set(tmp_path, monkeypatch):
+    """A run's eval at step 4 (its second, after step 0's) and a later start from its
+    checkpoint that evaluates it (eval_only: a fresh setup, its first eval call) score the same
+    windows: the same val loss."""
+    monkeypatch.setattr(tokenizers, "_gpt2_encoding", byte_encoding)  # resuming reloads it
+    d = write_shards(tmp_path / "fineweb", {"train": [3000], "val": [2000]})
+    workdir = tmp_path / "run"
+    for eval_only in (False, True):
+        training.train(small(d, max_iters=4, eval_interval=4, lr_decay_iters=4,
+                             steps_per_call=2, eval_only=eval_only), workdir)
+    evals = [r for r in metrics.read(workdir) if "val_loss" in r and r["step"] == 4]
+    assert len(evals) == 2, evals
+    assert evals[0]["val_loss"] == evals[1]["val_loss"]
