@@ -26,12 +26,14 @@ class BatchSource(Protocol):
     `train_data(step, n)` is the argument of the call that runs steps step..step+n-1 and
     `train_batch(data, i, key)` (traced inside it) step i's (x, y), each (A, B, T): gradient
     accumulation, batch, block. `eval_data(split, keys)` / `eval_batch(data, i, key)` do the
-    same for one eval call of len(keys) batches (B, T).
+    same for one eval call of len(keys) batches (B, T). `train_spec(n)`: what train_data
+    returns for n steps, without reading any (arrays or ShapeDtypeStructs: to compile from).
     """
 
     eval_iters: int
 
     def train_data(self, step: int, n: int) -> Any: ...
+    def train_spec(self, n: int) -> Any: ...
     def train_batch(self, data, i, key) -> tuple[jax.Array, jax.Array]: ...
     def eval_data(self, split: str, keys) -> Any: ...
     def eval_batch(self, data, i, key) -> tuple[jax.Array, jax.Array]: ...
@@ -70,6 +72,9 @@ class DeviceBatches:
         self.draw = dataset.draw or (lambda data, key, n: get_batch(data, key, n, block_size))
 
     def train_data(self, step: int, n: int):
+        return self.splits["train"]
+
+    def train_spec(self, n: int):
         return self.splits["train"]
 
     def eval_data(self, split: str, keys):
@@ -190,6 +195,11 @@ class HostBatches:
         shape = (n, *self.shape, self.block_size)
         return tuple(parallel.put_process_local(np.stack(t), self.sharding, shape)
                      for t in zip(*items))  # (n, A, r, T) local -> (n, A, B, T) global
+
+    def train_spec(self, n: int):
+        spec = jax.ShapeDtypeStruct((n, *self.shape, self.block_size), jnp.int32,
+                                    sharding=self.sharding)
+        return spec, spec  # (x, y)
 
     def eval_data(self, split: str, keys):
         """(x, y), each (E, B, T), the E batches of one eval call: their windows come from the

@@ -15,6 +15,7 @@ never used; it only stores programs that took over a second to compile (its own 
 
 import contextlib
 import os
+import threading
 
 import jax
 from etils import epath
@@ -47,13 +48,14 @@ def enable(workdir) -> str | None:
 
 
 @contextlib.contextmanager
-def hits():
+def hits(thread: int | None = None):
     """Counts the executables loaded from the cache inside the block: `with hits() as n:`
-    ... `n()` (JAX records a monitoring event for each)."""
+    ... `n()` (JAX records a monitoring event for each, in the thread that compiles).
+    `thread`: only that thread's loads (a compile ahead runs beside the main thread's)."""
     count = [0]
 
     def listen(event, **kwargs):
-        if event == HIT:
+        if event == HIT and thread in (None, threading.get_ident()):
             count[0] += 1
 
     jax.monitoring.register_event_listener(listen)

@@ -93,32 +93,39 @@ def loss_fn(params, apply_fn, x, y, dropout_rng, loss_scale=None):
 def _init_fn(config, model):
     """(init, its two keys): the function that builds a fresh TrainState from the seed."""
     tx = optim.make_optimizer(config)
+    schedule = optim.lr_schedule(config)  # one object: every state init builds holds this one
     init_rng, run_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     dummy = jnp.zeros((1, config.block_size), jnp.int32)
 
     def init(init_rng, run_rng):
         params = model.init(init_rng, dummy)["params"]
         return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=run_rng,
-                                 loss_scale=make_loss_scale(config),
-                                 lr_schedule=optim.lr_schedule(config))
+                                 loss_scale=make_loss_scale(config), lr_schedule=schedule)
 
     return init, (init_rng, run_rng)
+
+
+def init_train_state(config, model, mesh) -> tuple[TrainState, Callable[[], TrainState]]:
+    """(the state's ShapeDtypeStructs on the mesh, a function that computes the state): the
+    shapes come at once (nothing compiles), so the training call can compile from them while
+    the state's init compiles and runs; both describe one pytree (the same static fields)."""
+    init, keys = _init_fn(config, model)
+    shapes = jax.eval_shape(init, *keys)
+    shardings = parallel.state_sharding(shapes, mesh)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            shapes, shardings)
+    return abstract, lambda: jax.jit(init, out_shardings=shardings)(*keys)
 
 
 def abstract_train_state(config, model, mesh) -> TrainState:
     """The state's shapes, dtypes and shardings on the mesh (ShapeDtypeStructs): nothing is
     computed. What a checkpoint restores into, and what ahead-of-time compilation lowers."""
-    init, keys = _init_fn(config, model)
-    abstract = jax.eval_shape(init, *keys)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract, parallel.state_sharding(abstract, mesh))
+    return init_train_state(config, model, mesh)[0]
 
 
 def create_train_state(config, model, mesh) -> TrainState:
     """Initialise params and optimizer state directly into their shardings on the mesh."""
-    init, keys = _init_fn(config, model)
-    shardings = parallel.state_sharding(jax.eval_shape(init, *keys), mesh)
-    return jax.jit(init, out_shardings=shardings)(*keys)
+    return init_train_state(config, model, mesh)[1]()
 
 
 def with_params(state: TrainState, params) -> TrainState:

@@ -1,0 +1,69 @@
+"""ahead.Ahead: a program compiled on a thread before its first call is the jit's program."""
+
+import contextlib
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt import ahead, compile_cache
+
+
+def tanh_steps(x, w, *, n, np=jnp):
+    for _ in range(n):
+        x = np.tanh(x @ w)
+    return x
+
+
+@contextlib.contextmanager
+def backend_compiles():
+    """Counts XLA compiles inside the block, in any thread."""
+    count = [0]
+
+    def listen(event, seconds, **kwargs):
+        count[0] += event == "/jax/core/compile/backend_compile_duration"
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield lambda: count[0]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_a_call_runs_the_program_compiled_ahead_and_others_go_through_the_jit():
+    call = ahead.Ahead(jax.jit(tanh_steps, static_argnames="n", donate_argnums=0))
+    x, w = np.ones((4, 8), np.float32), np.random.default_rng(0).normal(size=(8, 8)) / 3
+    w = w.astype(np.float32)
+    expected = {n: tanh_steps(x, w, n=n, np=np) for n in (2, 3)}  # numpy's
+    inputs = [jnp.asarray(x) for _ in range(2)]  # (each call donates its input)
+    with backend_compiles() as compiles:
+        call.compile(jax.ShapeDtypeStruct(x.shape, x.dtype), w, n=3)
+        assert call.compiled(n=3).seconds > 0 and not call.compiled(n=3).from_cache
+        assert compiles() == 1
+        np.testing.assert_allclose(call(inputs[0], w, n=3), expected[3], rtol=1e-5)
+        assert compiles() == 1  # the call ran the program compiled ahead
+        np.testing.assert_allclose(call(inputs[1], w, n=2), expected[2], rtol=1e-5)
+        assert compiles() == 2 and call.compiled(n=2) is None  # through the jit
+
+
+def test_an_error_while_compiling_ahead_is_raised_by_the_call():
+    call = ahead.Ahead(jax.jit(lambda x, *, n: x @ x, static_argnames="n"))
+    call.compile(jax.ShapeDtypeStruct((2, 3), jnp.float32), n=1)  # (2, 3) @ (2, 3)
+    with pytest.raises(TypeError, match="dot_general"):
+        call(jnp.ones((2, 3)), n=1)
+
+
+def test_cache_hits_counts_only_the_threads_it_is_told(monkeypatch):
+    listeners = []
+    monkeypatch.setattr(jax.monitoring, "register_event_listener", listeners.append)
+    monkeypatch.setattr(jax.monitoring, "unregister_event_listener", listeners.remove)
+    with compile_cache.hits() as every, compile_cache.hits(threading.get_ident()) as mine:
+        other = threading.Thread(target=lambda: [f(compile_cache.HIT) for f in listeners])
+        other.start()
+        other.join()
+        for listen in list(listeners):
+            listen(compile_cache.HIT)
+            listen("/jax/some_other_event")
+    assert (every(), mine()) == (2, 1)
