@@ -3,8 +3,9 @@
 A run compiles the state's init, runs it, then compiles the training call: one after the other,
 although the training call needs only the state's shapes. XLA compiles without holding
 Python's GIL, so train.py starts the training call's compile on a thread from those shapes
-while the init compiles and runs (on a 2-core CPU the CPU recipes start ≈ 1.5 s sooner; GPT-2 on a
-TPU slice saves the init's compile).
+while the init compiles and runs: on a 2-core CPU the two take ≈ 5.5–6.5 s instead of 7 s for
+the CPU recipe's model (docs/performance.md); on an accelerator the init's compile hides behind
+the training step's (not measured there).
 
     call = Ahead(jax.jit(f, static_argnames="num_steps"))
     call.compile(abstract_state, data, num_steps=10)  # returns at once
