@@ -5,7 +5,9 @@ although the training call needs only the state's shapes. XLA compiles without h
 Python's GIL, so train.py starts the training call's compile on a thread from those shapes
 while the init compiles and runs: on a 2-core CPU the two take ≈ 5.5–6.5 s instead of 7 s for
 the CPU recipe's model (docs/performance.md); on an accelerator the init's compile hides behind
-the training step's (not measured there).
+the training step's (not measured there). `JAXGPT_COMPILE_AHEAD=0` compiles one after the
+other, as before: on a machine whose cores are all busy already (a test suite with a worker per
+core) the overlap has no idle core to use, and two compiles at once cost more CPU time.
 
     call = Ahead(jax.jit(f, static_argnames="num_steps"))
     call.compile(abstract_state, data, num_steps=10)  # returns at once
@@ -14,12 +16,21 @@ the training step's (not measured there).
     call(state, data, num_steps=3)   # any other program: through the jit, as before
 """
 
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 from jaxgpt import compile_cache
+
+ENV = "JAXGPT_COMPILE_AHEAD"
+
+
+def enabled() -> bool:
+    """Whether train.py compiles its first training call ahead (`JAXGPT_COMPILE_AHEAD`, on by
+    default)."""
+    return os.environ.get(ENV, "1").lower() not in ("0", "off", "false")
 
 
 class Compiled(NamedTuple):

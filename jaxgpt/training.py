@@ -329,7 +329,8 @@ def train(config, workdir) -> step.TrainState:
                 config = weights.config
             # data, model, mesh, a fresh state, the compiled calls (the first training call's
             # program compiling while the state initialises)
-            first_call = None if config.eval_only else Schedule.from_config(config).call_steps(0)
+            first_call = (Schedule.from_config(config).call_steps(0)
+                          if ahead.enabled() and not config.eval_only else None)
             s = setup(config, dataset=datasets.load(config, weights.tokenizer) if weights
                       else None, first_call=first_call)
             stack.callback(s.batches.close)  # the host prefetch thread, if any

@@ -14,6 +14,9 @@ _OWN_CACHE = "JAXGPT_COMPILATION_CACHE" not in os.environ
 if _OWN_CACHE:
     os.environ["JAXGPT_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="jaxgpt-test-cache-")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+# The suite runs a worker per core: no core is idle for train()'s compile ahead (ahead.py), so
+# its runs compile one program after the other (tests/test_ahead.py runs train() with it on)
+os.environ.setdefault("JAXGPT_COMPILE_AHEAD", "0")
 # The suite's programs are tiny, so compiling them is most of its time: LLVM at -O0 compiles
 # them faster (the whole suite: 0.66x its wall on 2 cores) and computes the same functions.
 # Subprocesses inherit it; those that need N CPU devices add that flag with `xla_flags(N)`.
