@@ -47,18 +47,6 @@ from jaxgpt import step as step_lib  # noqa: E402
 from jaxgpt.config import base_config  # noqa: E402
 from jaxgpt.model import make_model  # noqa: E402
 
-# The longest tests (20-160 s each on 2 cores) run first: with a worker per core, one of them
-# starting last would leave the other worker idle until it ends.
-LONGEST = ("test_notebook.py::test_every_cell_runs", "test_parallel.py::test_8_devices",
-           "test_addition.py::test_learns_to_add", "test_splash.py::test_splash_trains_like",
-           "test_aot_splash.py::", "test_cloud.py::test_train_resume_sample_on_gcs")
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item):  # LONGEST's order, then the rest in collection order (the sort is stable)
-        return next((i for i, name in enumerate(LONGEST) if name in item.nodeid), len(LONGEST))
-    items.sort(key=rank)
-
 
 def pytest_sessionfinish(session):
     if _OWN_CACHE:
