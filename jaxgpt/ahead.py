@@ -14,6 +14,7 @@ core) the overlap has no idle core to use, and two compiles at once cost more CP
     ...                                               # other work meanwhile
     call(state, data, num_steps=10)  # waits for that program, then runs it
     call(state, data, num_steps=3)   # any other program: through the jit, as before
+    call.compiled(state, data, num_steps=10)  # Compiled(program, seconds, from_cache) | None
 """
 
 import os
@@ -21,6 +22,8 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
+
+import jax
 
 from jaxgpt import compile_cache
 
@@ -46,12 +49,15 @@ class Ahead:
         self.jitted = jitted
         self.programs: dict[tuple, Future] = {}  # static arguments -> Future[Compiled]
 
-    def compile(self, *args, **static) -> None:
+    def compile(self, *args, pool: ThreadPoolExecutor | None = None, **static) -> None:
         """Start compiling the program for these arguments (arrays or ShapeDtypeStructs with
-        their shardings) and static arguments on a thread; returns at once."""
-        pool = ThreadPoolExecutor(1, thread_name_prefix="compile-ahead")
-        self.programs[_key(static)] = pool.submit(self._compile, args, static)
-        pool.shutdown(wait=False)  # the thread ends when the compile does
+        their shardings) and static arguments on a thread; returns at once. `pool`: queue it
+        there (one thread: after the compiles queued before it) instead of a thread of its own."""
+        own = pool is None
+        pool = pool or ThreadPoolExecutor(1, thread_name_prefix="compile-ahead")
+        self.programs[_key(args, static)] = pool.submit(self._compile, args, static)
+        if own:
+            pool.shutdown(wait=False)  # the thread ends when the compile does
 
     def _compile(self, args, static) -> Compiled:
         start = time.perf_counter()
@@ -59,18 +65,21 @@ class Ahead:
             program = self.jitted.lower(*args, **static).compile()
         return Compiled(program, time.perf_counter() - start, hits() > 0)
 
-    def compiled(self, **static) -> Compiled | None:
-        """The program compiled ahead for these static arguments (waiting for it), if any."""
-        future = self.programs.get(_key(static))
+    def compiled(self, *args, **static) -> Compiled | None:
+        """The program compiled ahead for these arguments' shapes and these static arguments
+        (waiting for it), if any."""
+        future = self.programs.get(_key(args, static))
         return None if future is None else future.result()  # a compile's error raises here
 
     def __call__(self, *args, **static):
-        ahead = self.compiled(**static)
+        ahead = self.compiled(*args, **static)
         return self.jitted(*args, **static) if ahead is None else ahead.program(*args)
 
     def lower(self, *args, **static):
         return self.jitted.lower(*args, **static)
 
 
-def _key(static: dict) -> tuple:
-    return tuple(sorted(static.items()))
+def _key(args, static: dict) -> tuple:
+    """A program's key: its arguments' structure, shapes and dtypes, and its static ones."""
+    leaves, tree = jax.tree.flatten(args)
+    return tree, tuple((x.shape, x.dtype) for x in leaves), tuple(sorted(static.items()))

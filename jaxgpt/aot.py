@@ -93,12 +93,11 @@ def build(config, devices, *, everything: bool = True, num_steps: int | None = N
     mesh = parallel.make_mesh(config, devices)
     parallel.check_batch(config, mesh)
     n = num_steps or config.steps_per_call
-    evals = batches.eval_batches_per_call(config.eval_iters)
     if config.dataset in datasets.LOADERS:  # batches.make's DeviceBatches: drawn on the device
         dataset = datasets.load(config)
         source = batches.DeviceBatches(dataset, config, mesh, put=_describe)
         vocab, train_data, eval_data = (dataset.tokenizer.vocab_size, source.train_data(0, n),
-                                        source.eval_data("val", None))
+                                        source.eval_spec())
     else:  # HostBatches: (x, y) read from token files on the host
         source = batches.HostBatches
         vocab = config.vocab_size or GPT2_VOCAB
@@ -112,7 +111,7 @@ def build(config, devices, *, everything: bool = True, num_steps: int | None = N
     built.lowered["train"] = step.jit_train_steps(shardings, source.train_batch).lower(
         state, train_data, num_steps=n)
     if everything:
-        keys = jax.ShapeDtypeStruct((evals, 2), jnp.uint32, sharding=parallel.replicated(mesh))
+        keys = batches.eval_keys_spec(config.eval_iters, mesh)
         evaluate = step.jit_eval_loss(state.apply_fn, source.eval_batch, mesh)
         built.lowered["evaluate"] = evaluate.lower(state.params, eval_data, keys)
         built.lowered["decode"] = lower_decode(model, state.params, devices[0])

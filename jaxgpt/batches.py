@@ -25,9 +25,12 @@ class BatchSource(Protocol):
 
     `train_data(step, n)` is the argument of the call that runs steps step..step+n-1 and
     `train_batch(data, i, key)` (traced inside it) step i's (x, y), each (A, B, T): gradient
-    accumulation, batch, block. `eval_data(split, keys)` / `eval_batch(data, i, key)` do the
-    same for one eval call of len(keys) batches (B, T). `train_spec(n)`: what train_data
-    returns for n steps, without reading any (arrays or ShapeDtypeStructs: to compile from).
+    accumulation, batch, block. `eval_data(split, keys)` is one eval call's len(keys) batches,
+    (x, y) each (E, B, T) whichever the split (so one eval program serves both), and
+    `eval_batch(data, i, key)` batch i of them (B, T). `train_spec(n)` / `eval_spec()`: what
+    train_data (for n steps) / eval_data return, without reading any (arrays or
+    ShapeDtypeStructs: to compile from). `prepare_eval()` compiles what eval_data runs, if
+    anything, so that a thread can do it ahead of the first eval.
     """
 
     eval_iters: int
@@ -36,6 +39,8 @@ class BatchSource(Protocol):
     def train_spec(self, n: int) -> Any: ...
     def train_batch(self, data, i, key) -> tuple[jax.Array, jax.Array]: ...
     def eval_data(self, split: str, keys) -> Any: ...
+    def eval_spec(self) -> Any: ...
+    def prepare_eval(self) -> None: ...
     def eval_batch(self, data, i, key) -> tuple[jax.Array, jax.Array]: ...
     def close(self) -> None: ...
 
@@ -57,11 +62,18 @@ def eval_batches_per_call(eval_iters: int) -> int:
     return max(d for d in range(1, min(eval_iters, 10) + 1) if eval_iters % d == 0)
 
 
+def eval_keys_spec(eval_iters: int, mesh):
+    """One eval call's PRNGKeys, (E, 2) uint32, as a ShapeDtypeStruct: to compile from."""
+    return jax.ShapeDtypeStruct((eval_batches_per_call(eval_iters), 2), jnp.uint32,
+                                sharding=parallel.replicated(mesh))
+
+
 class DeviceBatches:
     """Small datasets (a character-level text, a task's examples): both splits replicated on
-    every device, each batch drawn inside the compiled call from the step's key, with no host
-    work between steps. `dataset.draw(data, key, n)` draws n examples (a task's own); by
-    default the lecture's text windows of block_size."""
+    every device, each training batch drawn inside the compiled call from the step's key, with
+    no host work between steps (an eval call's batches: by a small program before it).
+    `dataset.draw(data, key, n)` draws n examples (a task's own); by default the lecture's text
+    windows of block_size."""
 
     def __init__(self, dataset: Dataset, config, mesh, put=parallel.put_replicated):
         # put(split, mesh): the split on the mesh (aot.py's only describes it, for compiling)
@@ -70,6 +82,9 @@ class DeviceBatches:
         self.mesh, self.eval_iters = mesh, config.eval_iters
         block_size = config.block_size
         self.draw = dataset.draw or (lambda data, key, n: get_batch(data, key, n, block_size))
+        self.eval_shape = (eval_batches_per_call(config.eval_iters), config.batch_size)
+        self.eval_sharding = parallel.batch_sharding(mesh, leading=1)  # (E, B, T)
+        self._eval_draw = jax.jit(self._draw_eval_batches)
 
     def train_data(self, step: int, n: int):
         return self.splits["train"]
@@ -78,7 +93,24 @@ class DeviceBatches:
         return self.splits["train"]
 
     def eval_data(self, split: str, keys):
-        return self.splits[split]
+        """(x, y), each (E, B, T): batch i drawn from keys[i] (a small program per split), so
+        the eval program sees the same shapes for both splits and compiles once."""
+        return self._eval_draw(self.splits[split], keys)
+
+    def prepare_eval(self):
+        keys = np.zeros((self.eval_shape[0], 2), np.uint32)
+        for split in self.splits:  # the jit keeps each split's draw program
+            self._eval_draw(self.splits[split], keys)
+
+    def _draw_eval_batches(self, data, keys):
+        x, y = jax.vmap(lambda key: self.draw(data, key, self.batch_size))(keys)  # (E, B, T)
+        return tuple(jax.lax.with_sharding_constraint(t, self.eval_sharding) for t in (x, y))
+
+    def eval_spec(self):
+        keys = eval_keys_spec(self.eval_iters, self.mesh)
+        # (E, B, T) each, T the split's windows or a task's own example length
+        return tuple(jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=self.eval_sharding)
+                     for t in jax.eval_shape(self._draw_eval_batches, self.splits["val"], keys))
 
     def _draw(self, data, key, shape):
         x, y = self.draw(data, key, int(np.prod(shape)))  # (A*B, T) each
@@ -89,8 +121,9 @@ class DeviceBatches:
     def train_batch(self, data, i, key):
         return self._draw(data, key, (self.accum, self.batch_size))  # (A, B, T) each
 
-    def eval_batch(self, data, i, key):
-        return self._draw(data, key, (self.batch_size,))  # (B, T) each
+    @staticmethod
+    def eval_batch(data, i, key):
+        return data[0][i], data[1][i]  # (B, T) each
 
     def close(self):
         pass
@@ -218,6 +251,14 @@ class HostBatches:
         return tuple(parallel.put_process_local(t, self.eval_sharding,
                                                 (*self.eval_shape, self.block_size))
                      for t in local)
+
+    def prepare_eval(self):
+        pass  # eval_data reads on the host: nothing to compile
+
+    def eval_spec(self):
+        spec = jax.ShapeDtypeStruct((*self.eval_shape, self.block_size), jnp.int32,
+                                    sharding=self.eval_sharding)
+        return spec, spec  # (x, y)
 
     @staticmethod
     def train_batch(data, i, key):

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import jax
@@ -57,13 +58,14 @@ class Setup(NamedTuple):
     state: step.TrainState
     batches: batches_lib.BatchSource
     train_call: ahead.Ahead  # (state, data, num_steps=n) -> (state, metrics), state donated
-    evaluate: Callable  # (params, data, keys) -> mean loss, one batch per key
+    evaluate: ahead.Ahead  # (params, data, keys) -> mean loss, one batch per key
 
 
 def setup(config, *, dataset=None, mesh=None, first_call: int | None = None) -> Setup:
     """Load the data, build the model, mesh, state and the compiled calls, for a config that
     config.validate accepted. `first_call=n`: the n-step training call's program compiles on a
-    thread while the state's init compiles and runs (train.py's first call)."""
+    thread while the state's init compiles and runs (train.py's first call), then the eval
+    call's on the same thread, while the first steps run."""
     dataset = dataset or datasets.load(config)
     model = make_model(config, dataset.tokenizer.vocab_size)
     mesh = mesh or parallel.make_mesh(config)
@@ -72,11 +74,17 @@ def setup(config, *, dataset=None, mesh=None, first_call: int | None = None) -> 
     abstract, create_state = step.init_train_state(config, model, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
     train_call = ahead.Ahead(step.jit_train_steps(shardings, source.train_batch))
-    if first_call:
-        train_call.compile(abstract, source.train_spec(first_call), num_steps=first_call)
+    evaluate = ahead.Ahead(step.jit_eval_loss(abstract.apply_fn, source.eval_batch, mesh))
+    if first_call:  # on one thread: the first training call's program, then the eval's
+        pool = ThreadPoolExecutor(1, thread_name_prefix="compile-ahead")
+        train_call.compile(abstract, source.train_spec(first_call), num_steps=first_call,
+                           pool=pool)
+        evaluate.compile(abstract.params, source.eval_spec(),
+                         batches_lib.eval_keys_spec(config.eval_iters, mesh), pool=pool)
+        pool.submit(source.prepare_eval)  # a DeviceBatches' draws of eval batches
+        pool.shutdown(wait=False)  # its thread ends after the last compile
     state = create_state()
-    return Setup(dataset, model, mesh, state, source, train_call,
-                 step.jit_eval_loss(state.apply_fn, source.eval_batch, mesh))
+    return Setup(dataset, model, mesh, state, source, train_call, evaluate)
 
 
 def eval_measures(config, s: Setup) -> list[Callable]:
@@ -247,13 +255,14 @@ class Loop:
     def train_call(self, state, step: int, n: int):
         """Dispatch steps step..step+n-1; the first call compiles first (or loads the cache)."""
         start = time.perf_counter()
+        data = self.s.batches.train_data(step, n)
         with compile_cache.hits() as hits:
-            out = self.s.train_call(state, self.s.batches.train_data(step, n), num_steps=n)
+            out = self.s.train_call(state, data, num_steps=n)
         if self.calls == 0:
             seconds, from_cache = time.perf_counter() - start, hits() > 0
             train_call = self.s.train_call
             if isinstance(train_call, ahead.Ahead) and (compiled := train_call.compiled(
-                    num_steps=n)):  # compiled ahead, beside the state's init: its own time
+                    state, data, num_steps=n)):  # compiled ahead, beside the init: its own time
                 seconds, from_cache = compiled.seconds, compiled.from_cache
             self.say(f"loaded the compiled training step from the compilation cache in "
                      f"{seconds:.1f} s" if from_cache else

@@ -40,14 +40,21 @@ def test_a_call_runs_the_program_compiled_ahead_and_others_go_through_the_jit():
     w = w.astype(np.float32)
     expected = {n: tanh_steps(x, w, n=n, np=np) for n in (2, 3)}  # numpy's
     inputs = [jnp.asarray(x) for _ in range(2)]  # (each call donates its input)
+    spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    wide, w2 = jnp.asarray(np.ones((4, 16), np.float32)), np.tile(w, (2, 2))  # other shapes
     with backend_compiles() as compiles:
-        call.compile(jax.ShapeDtypeStruct(x.shape, x.dtype), w, n=3)
-        assert call.compiled(n=3).seconds > 0 and not call.compiled(n=3).from_cache
+        call.compile(spec, w, n=3)
+        assert call.compiled(spec, w, n=3).seconds > 0
+        assert not call.compiled(spec, w, n=3).from_cache
         assert compiles() == 1
-        np.testing.assert_allclose(call(inputs[0], w, n=3), expected[3], rtol=1e-5)
+        np.testing.assert_allclose(call(inputs[0], w, n=3), expected[3], rtol=1e-5, atol=1e-6)
         assert compiles() == 1  # the call ran the program compiled ahead
-        np.testing.assert_allclose(call(inputs[1], w, n=2), expected[2], rtol=1e-5)
-        assert compiles() == 2 and call.compiled(n=2) is None  # through the jit
+        np.testing.assert_allclose(call(inputs[1], w, n=2), expected[2], rtol=1e-5, atol=1e-6)
+        assert compiles() == 2 and call.compiled(spec, w, n=2) is None  # through the jit
+        np.testing.assert_allclose(call(wide, w2, n=3),  # the static arguments compiled ahead
+                                   tanh_steps(np.ones((4, 16), np.float32), w2, n=3, np=np),
+                                   rtol=1e-5, atol=1e-6)
+        assert compiles() == 3 and call.compiled(wide, w2, n=3) is None  # through the jit
 
 
 def test_an_error_while_compiling_ahead_is_raised_by_the_call():
@@ -74,8 +81,9 @@ def test_cache_hits_counts_only_the_threads_it_is_told(monkeypatch):
 def test_train_compiles_its_first_call_ahead_and_trains_as_without(tmp_path, text_file,
                                                                    monkeypatch, capsys):
     """train() with JAXGPT_COMPILE_AHEAD on (the default; the suite turns it off) runs its
-    calls through the program compiled ahead and gives the losses of a run without it, bit for
-    bit (dropout on, 3 calls of 2 steps, a resume from the checkpoint of step 4)."""
+    calls through the programs compiled ahead (the first training call's, the eval's) and
+    gives the losses of a run without it, bit for bit (dropout on, 3 calls of 2 steps, a resume
+    from the checkpoint of step 4)."""
     compiled = []
     original = ahead.Ahead._compile
     monkeypatch.setattr(ahead.Ahead, "_compile",
@@ -92,5 +100,5 @@ def test_train_compiles_its_first_call_ahead_and_trains_as_without(tmp_path, tex
     without = losses("without", "0")
     assert compiled == []
     assert losses("with", "1") == without
-    assert compiled == [{"num_steps": 2}]
+    assert compiled == [{"num_steps": 2}, {}]  # the first training call's, then the eval's
     assert "compiled the training step in" in capsys.readouterr().out

@@ -3,6 +3,7 @@ split over processes, the host prefetch thread, and which source a dataset gets.
 token files read through local_batch: test_prepare.py."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -67,7 +68,7 @@ def test_host_batches_are_what_their_abstract_description_says():
     finally:
         loader.close()
     want_train, want_val = batches.HostBatches.abstract_data(config, mesh, 3)
-    for got, want in zip((*train, *val), (*want_train, *want_val)):
+    for got, want in zip((*train, *val, *val), (*want_train, *want_val, *loader.eval_spec())):
         assert (got.shape, got.dtype, got.sharding) == (want.shape, want.dtype, want.sharding)
     assert val[0].shape == (batches.eval_batches_per_call(6), 4, 8)  # (E, B, T)
 
@@ -96,9 +97,16 @@ def test_a_text_is_drawn_on_the_device_and_token_files_on_the_host():
     x, y = jax.jit(on_device.train_batch)(on_device.train_data(0, 1), 0, jax.random.PRNGKey(0))
     assert x.shape == y.shape == (3, 2, 8) and x.dtype == np.int32  # (A, B, T)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x) + 1)  # the text's next tokens
-    x, _ = jax.jit(on_device.eval_batch)(on_device.eval_data("val", None), 0,
-                                         jax.random.PRNGKey(0))
-    assert x.shape == (2, 8)  # (B, T)
+    keys = jax.random.split(jax.random.PRNGKey(1), batches.eval_batches_per_call(config.eval_iters))
+    evals = on_device.eval_data("val", keys)  # (E, B, T) each: batch i from keys[i]
+    for i, key in enumerate(keys):
+        want = batches.get_batch(jnp.asarray(data), key, 2, 8)  # the lecture's draw, one key
+        got = jax.jit(on_device.eval_batch)(evals, i, key)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    for got, spec in zip(evals, on_device.eval_spec()):
+        assert (got.shape, got.dtype) == (spec.shape, spec.dtype)
+        assert got.sharding.is_equivalent_to(spec.sharding, got.ndim)
     on_host = batches.make(Dataset(train=data, val=data, tokenizer=None, on_host=True),
                            config, mesh)
     assert isinstance(on_host, batches.HostBatches)

@@ -88,7 +88,7 @@ def worker(out, text):
             state, metrics = s.train_call(s.state, s.batches.train_data(0, STEPS),
                                           num_steps=STEPS)
             keys = jax.random.split(jax.random.PRNGKey(0), 2)
-            val = s.evaluate(state.params, s.batches.eval_data("val", None), keys)
+            val = s.evaluate(state.params, s.batches.eval_data("val", keys), keys)
             s.batches.close()
             runs[impl] = dict(logits=logits, grads=grads, losses=metrics["loss"],
                               params=state.params, val=val, fsdp_split=fsdp_split)
