@@ -24,11 +24,10 @@ other paths (attention.py, model.py): the kernel has no dropout and is written f
 """
 
 import functools
+import importlib
 
 import jax
 import numpy as np
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jax.sharding import PartitionSpec as P
 
 from jaxgpt.errors import UserError
@@ -36,6 +35,13 @@ from jaxgpt.errors import UserError
 LANES = 128  # a TPU vector register's lanes: every block must be a multiple
 BLOCKS = (512, 256, 128)  # tried in order: the largest that divides T
 BATCH_AXES = ("data", "fsdp")  # parallel.BATCH_AXES: the mesh axes the batch is split over
+PALLAS = "jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_"
+
+
+def _pallas(name: str):
+    """JAX's splash module `name` ("kernel" or "mask"), imported when first used: importing
+    Pallas's TPU lowering takes ≈ 0.2 s, which every start-up on a CPU or a GPU would pay."""
+    return importlib.import_module(PALLAS + name)
 
 
 def takes(T: int) -> bool:
@@ -43,12 +49,14 @@ def takes(T: int) -> bool:
     return T >= LANES and T % LANES == 0
 
 
-def block_sizes(T: int) -> kernel.BlockSizes:
-    """The kernel's tiles for sequences of T: query and key blocks of the largest of 512, 256,
-    128 dividing T, the same for the forward and both backward kernels (dq and dk/dv)."""
+def block_sizes(T: int):
+    """The kernel's tiles (BlockSizes) for sequences of T: query and key blocks of the largest
+    of 512, 256, 128 dividing T, the same for the forward and both backward kernels (dq and
+    dk/dv)."""
     b = next(b for b in BLOCKS if T % b == 0)
-    return kernel.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
-                             block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    return _pallas("kernel").BlockSizes(
+        block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+        block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
 
 
 def check(config) -> None:
@@ -87,9 +95,10 @@ def resolve_impl(config, backend: str | None = None) -> tuple[str, str]:
 def _kernel(n_head: int, T: int, interpret: bool):
     """The kernel for n_head heads of T (built while tracing: it holds its mask's block tables
     as arrays, which must belong to the trace that uses them)."""
+    masks = _pallas("mask")
     mask = masks.MultiHeadMask([masks.CausalMask((T, T))] * n_head)
-    return kernel.make_splash_mha(mask, block_sizes=block_sizes(T), head_shards=1,
-                                  q_seq_shards=1, interpret=interpret)
+    return _pallas("kernel").make_splash_mha(mask, block_sizes=block_sizes(T), head_shards=1,
+                                             q_seq_shards=1, interpret=interpret)
 
 
 def _per_example(q, k, v, *, interpret: bool):

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt import batches
+from jaxgpt import batches, parallel
 from jaxgpt import step as step_lib
-from jaxgpt.model import GPT, GPTConfig
+from jaxgpt.model import GPT, GPTConfig, make_model
 from tests.conftest import fresh_state, tiny
 
 
@@ -110,3 +110,20 @@ def test_heldout_loss_is_the_mean_over_every_window():
         losses.append(-logp[np.arange(8), y].mean())
     np.testing.assert_allclose(step_lib.heldout_loss(model, params, tokens, 8, batch_size=2),
                                np.mean(losses), rtol=1e-5)
+
+
+def test_the_init_at_llvm_o1_is_the_init_at_the_default_level(monkeypatch):
+    """A CPU compiles the state's init at -O1 (init_compiler_options): the same state, bit for
+    bit, as XLA's default -O2 gives (the lecture's per-head model and the fused GPT, Muon)."""
+    monkeypatch.setenv("XLA_FLAGS", "")  # as a run outside the suite (which sets -O0)
+    for overrides in ({"attention": "heads"}, {"optimizer": "muon"}):
+        c = tiny(**overrides)
+        model = make_model(c, vocab_size=40)
+        mesh = parallel.make_mesh(c)
+        assert step_lib.init_compiler_options(mesh) == {"xla_backend_optimization_level": 1}
+        init, keys = step_lib._init_fn(c, model)
+        lowered = jax.jit(init).lower(*keys)
+        states = [lowered.compile({"xla_backend_optimization_level": level})(*keys)
+                  for level in (1, 2)]
+        for a, b in zip(*map(jax.tree.leaves, states)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
