@@ -2,8 +2,8 @@
 the least wall time to nanoGPT's CPU-recipe val loss.
 
 Muon (jaxgpt/optim.py) on the blocks' 2-D kernels at muon_lr, AdamW at learning_rate on the rest
-(embeddings, the tied lm_head, LayerNorms, biases); both on one short warm-up and a linear
-cool-down to a tenth of the peak, over about a quarter of AdamW's steps. Tuned on seeds 1337, 1
+(embeddings, the tied lm_head, LayerNorms, biases); both on one short warm-up (10 steps) and a
+linear cool-down to a tenth of the peak, over about a quarter of AdamW's steps. Tuned on seeds 1337, 1
 and 2 (docs/performance.md): 3 Newton–Schulz steps with Polar Express's per-step coefficients
 reach the loss of 4 quintic ones (3 quintic ones did not), and the eval before the first step
 is skipped (only the final loss is wanted).
@@ -22,7 +22,7 @@ def get_config():
     c.learning_rate = 3e-3  # the AdamW group's peak: 3x the recipe's
     c.min_lr = 3e-4
     c.max_iters = 480
-    c.warmup_iters = 20
+    c.warmup_iters = 10
     c.decay_shape = "linear"
     c.eval_interval = 480  # one eval, at the end
     c.eval_at_start = False
