@@ -3,10 +3,10 @@ the least wall time to nanoGPT's CPU-recipe val loss.
 
 Muon (jaxgpt/optim.py) on the blocks' 2-D kernels at muon_lr, AdamW at learning_rate on the rest
 (embeddings, the tied lm_head, LayerNorms, biases); both on one short warm-up (10 steps) and a
-linear cool-down to a tenth of the peak, over about a quarter of AdamW's steps. Tuned on seeds 1337, 1
-and 2 (docs/performance.md): 3 Newton–Schulz steps with Polar Express's per-step coefficients
-reach the loss of 4 quintic ones (3 quintic ones did not), and the eval before the first step
-is skipped (only the final loss is wanted).
+linear cool-down to a tenth of the peak, over about a quarter of AdamW's steps. Tuned on seeds
+1337, 1 and 2 (docs/performance.md): 3 Newton–Schulz steps with Polar Express's per-step
+coefficients reach the loss of 4 quintic ones (3 quintic ones did not), and the eval before the
+first step is skipped (only the final loss is wanted).
 """
 
 from configs import shakespeare_cpu

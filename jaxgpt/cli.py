@@ -1,6 +1,7 @@
 """What every entry point (train.py, sample.py, python -m jaxgpt.*) shares: flag parsing and
 one-line errors."""
 
+import gc
 import logging as pylogging
 import sys
 
@@ -57,6 +58,10 @@ def parse_flags(argv, positional=()):
 def run(main, positional=()):
     """app.run(main) with UserError printed as `error: ...` (exit 1) and JAX's start-up INFO
     lines hidden unless -v/--verbosity is given."""
+    # what is imported by now (JAX, Flax, orbax: ~10^6 objects) lives as long as the process:
+    # out of the cyclic collector's sight, each full collection skips it, the one at exit too
+    # (0.3 s of every command's exit on a 2-core CPU)
+    gc.freeze()
 
     def wrapped(argv):
         if not flags.FLAGS["verbosity"].present:
