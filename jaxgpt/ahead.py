@@ -5,8 +5,9 @@ although the training call needs only the state's shapes. XLA compiles without h
 Python's GIL, so train.py starts the training call's compile on a thread from those shapes
 while the init compiles and runs: on a 2-core CPU the two take ≈ 5.5–6.5 s instead of 7 s for
 the CPU recipe's model (docs/performance.md); on an accelerator the init's compile hides behind
-the training step's (not measured there). `JAXGPT_COMPILE_AHEAD=0` compiles one after the
-other, as before: on a machine whose cores are all busy already (a test suite with a worker per
+the training step's (not measured there). The eval call's program compiles next on that
+thread, while the first steps run. `JAXGPT_COMPILE_AHEAD=0` compiles each program at its first
+call, as before: on a machine whose cores are all busy already (a test suite with a worker per
 core) the overlap has no idle core to use, and two compiles at once cost more CPU time.
 
     call = Ahead(jax.jit(f, static_argnames="num_steps"))

@@ -114,9 +114,10 @@ def test_heldout_loss_is_the_mean_over_every_window():
 
 def test_the_init_at_llvm_o1_is_the_init_at_the_default_level(monkeypatch):
     """A CPU compiles the state's init at -O1 (init_compiler_options): the same state, bit for
-    bit, as XLA's default -O2 gives (the lecture's per-head model and the fused GPT, Muon)."""
+    bit, as XLA's default -O2 gives (one layer of the lecture's per-head model; the fused GPT
+    with Muon's state)."""
     monkeypatch.setenv("XLA_FLAGS", "")  # as a run outside the suite (which sets -O0)
-    for overrides in ({"attention": "heads"}, {"optimizer": "muon"}):
+    for overrides in ({"attention": "heads", "n_layer": 1}, {"optimizer": "muon", "n_layer": 1}):
         c = tiny(**overrides)
         model = make_model(c, vocab_size=40)
         mesh = parallel.make_mesh(c)
