@@ -48,7 +48,7 @@ class Ahead:
 
     def __init__(self, jitted):
         self.jitted = jitted
-        self.programs: dict[tuple, Future] = {}  # static arguments -> Future[Compiled]
+        self.programs: dict[tuple, Future] = {}  # _key(args, static) -> Future[Compiled]
 
     def compile(self, *args, pool: ThreadPoolExecutor | None = None, **static) -> None:
         """Start compiling the program for these arguments (arrays or ShapeDtypeStructs with
