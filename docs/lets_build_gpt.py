@@ -621,17 +621,20 @@ def make_trainer(m, data, batch_key, dropout_key, *, learning_rate, batch_size, 
 
 
 def pytorch_init(params, key):
-    """PyTorch's default init over a params pytree: nn.Linear's weight and bias U(±1/√fan_in),
-    nn.Embedding N(0, 1), LayerNorm's ones and zeros kept. A pure function: new params out."""
+    """PyTorch's default init over a params pytree, or its shapes alone (`jax.eval_shape` of
+    m.init): nn.Linear's weight and bias U(±1/√fan_in), nn.Embedding N(0, 1), LayerNorm's ones
+    and zeros. A pure function: new params out."""
     if not isinstance(params, dict):
         return params
+    if "scale" in params:  # a LayerNorm
+        return {"scale": jnp.ones(params["scale"].shape), "bias": jnp.zeros(params["bias"].shape)}
     if "kernel" in params:  # a Dense layer: kernel (fan_in, out) [, bias (out,)]
         bound = params["kernel"].shape[0] ** -0.5
         return {name: jax.random.uniform(k, p.shape, minval=-bound, maxval=bound)
                 for (name, p), k in zip(params.items(), jax.random.split(key, len(params)))}
     if "embedding" in params:
         return {"embedding": jax.random.normal(key, params["embedding"].shape)}
-    return {name: pytorch_init(p, k)  # a module of modules; LayerNorms pass through unchanged
+    return {name: pytorch_init(p, k)  # a module of modules
             for (name, p), k in zip(params.items(), jax.random.split(key, len(params)))}
 
 
@@ -648,9 +651,11 @@ def train(m, *, max_iters, key=train_key, data=(train_data, val_data), params=No
         m, data, batch_k, dropout_k, learning_rate=learning_rate, batch_size=batch_size,
         block_size=block_size, eval_iters=eval_iters, steps_per_call=eval_interval)
     if params is None:
-        params = jax.jit(m.init)(init_k, jnp.zeros((1, block_size), jnp.int32))["params"]
-        if pytorch_defaults:
-            params = pytorch_init(params, torch_k)
+        example = jnp.zeros((1, block_size), jnp.int32)
+        if pytorch_defaults:  # PyTorch's values on the params' shapes (eval_shape computes none)
+            params = pytorch_init(jax.eval_shape(m.init, init_k, example)["params"], torch_k)
+        else:
+            params = jax.jit(m.init)(init_k, example)["params"]
     opt_state = optimizer.init(params)
     curve, first = {"step": [], "train": [], "val": []}, 0
     saver = None if ckpt_dir is None else ocp.CheckpointManager(
