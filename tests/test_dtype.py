@@ -4,6 +4,7 @@
 The device choice is tested with faked device descriptions (what jax reports for each card);
 the loss scaling numerically on the CPU, where float16 is slow but exact to its format."""
 
+import functools
 import json
 import types
 
@@ -59,21 +60,32 @@ def test_colab_cards_have_an_mfu_peak(kind, dtype, tflops):
     assert peak == tflops * 1e12, source
 
 
-def _fp16_state(loss_scale):
+@functools.cache
+def _fp16_init():
+    """One float16 state for every run of this module: a new one would be a new static tree
+    (its model and optimizer objects) and so a new compile of the step."""
     c = tiny("", dtype="float16", grad_clip=0.0)
-    state = step_lib.create_train_state(c, make_model(c, vocab_size=20), make_mesh(c))
+    return step_lib.create_train_state(c, make_model(c, vocab_size=20), make_mesh(c))
+
+
+def _fp16_state(loss_scale):
+    state = _fp16_init()
     assert state.loss_scale.dynamic  # float16 gets a dynamic loss scale by default
-    return state.replace(loss_scale=loss_scale)
+    # placed as the state's own scale is, as the step returns it: one program for every step
+    scalar = state.loss_scale.scale.sharding
+    return state.replace(loss_scale=jax.device_put(loss_scale, scalar))
+
+
+_train_step = jax.jit(step_lib.train_step)  # one jit: each program compiles once in the module
 
 
 def _steps(state, n):
     """n train steps on one fixed batch; (state, per-step metrics)."""
     x = jax.random.randint(jax.random.PRNGKey(0), (1, 8, 16), 0, 20)
     batch = (x, jnp.roll(x, -1, axis=-1))
-    step = jax.jit(step_lib.train_step)
     history = []
     for i in range(n):
-        state, metrics = step(state, batch, jax.random.PRNGKey(i))
+        state, metrics = _train_step(state, batch, jax.random.PRNGKey(i))
         history.append(jax.device_get(metrics))
     return state, history
 

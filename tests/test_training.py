@@ -125,7 +125,7 @@ def test_train_step_is_optax_on_jax_grad(text_file):
         return step_lib.loss_fn(params, state.apply_fn, x[0], y[0], jax.random.split(key, 1)[0])[1]
 
     grads = jax.jit(jax.grad(loss))(state.params)
-    want = state.apply_gradients(grads=grads)
+    want = jax.jit(lambda s, g: s.apply_gradients(grads=g))(state, grads)
     got, metrics = jax.jit(step_lib.train_step)(state, (x, y), key)
     for a, b in zip(jax.tree.leaves(got.opt_state), jax.tree.leaves(want.opt_state)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)  # Adam's moments: linear in g
