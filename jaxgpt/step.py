@@ -100,8 +100,11 @@ def _init_fn(config, model):
 
     def init(init_rng, run_rng):
         params = model.init(init_rng, dummy)["params"]
-        return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=run_rng,
-                                 loss_scale=make_loss_scale(config), lr_schedule=schedule)
+        state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=run_rng,
+                                  loss_scale=make_loss_scale(config), lr_schedule=schedule)
+        # create's step is a Python 0 (a weakly typed int32 here); a restored step is int32: a
+        # fresh and a resumed run must compile, and cache, one training program, not two
+        return state.replace(step=jnp.zeros((), jnp.int32))
 
     return init, (init_rng, run_rng)
 

@@ -73,6 +73,25 @@ def test_round_trip_restores_every_array(tmp_path):
     assert_trees_equal(restored.params, state.params)
 
 
+def test_a_restored_state_has_a_fresh_states_types(tmp_path):
+    """Every leaf restores with the fresh state's shape, dtype, sharding and weak type: so a
+    resumed run calls the program a fresh run compiled (and cached), not one of its own."""
+    config = tiny()
+    state = fresh_state(config)
+    manager = checkpoint.make_manager(tmp_path)
+    assert checkpoint.save(manager, state, 1.5)
+    manager.wait_until_finished()
+    restored, _ = checkpoint.restore(tmp_path, step_lib.abstract_train_state(
+        config, make_model(config, 18), parallel.make_mesh(config)))
+    avals = lambda t: [(jax.typeof(x), x.sharding) for x in jax.tree.leaves(t)]  # noqa: E731
+    assert avals(restored) == avals(state)
+    train = jax.jit(step_lib.train_step)
+    x = jnp.zeros((1, 2, config.block_size), jnp.int32)  # (micro-batches, B, T)
+    key = jax.random.PRNGKey(0)
+    fresh_run = train.lower(state, (x, x), key).as_text()
+    assert train.lower(restored, (x, x), key).as_text() == fresh_run
+
+
 def test_resume_equals_uninterrupted(trained):
     data = trained / "input.txt"
     training.train(tiny(data, max_iters=10), trained / "resumed")
