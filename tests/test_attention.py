@@ -20,7 +20,7 @@ def _model_pair(dtype="float32", dropout=0.0, **kw):
     a, b = GPT(GPTConfig(attention_impl="softmax", **base)), GPT(GPTConfig(attention_impl="xla",
                                                                         **base))
     idx = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, 23)  # (B, T)
-    params = a.init(jax.random.PRNGKey(1), idx)["params"]
+    params = jax.jit(a.init)(jax.random.PRNGKey(1), idx)["params"]  # one compile, not op by op
     return a, b, params, idx
 
 
@@ -29,11 +29,11 @@ def test_dot_product_attention_matches_explicit_softmax(dtype, atol):
     """jax.nn.dot_product_attention (XLA here, cuDNN on GPUs) = the lecture's masked softmax,
     forward and backward (bf16: both round q, k, v and the output to bf16)."""
     a, b, params, idx = _model_pair(dtype)
-    np.testing.assert_allclose(b.apply({"params": params}, idx),
-                               a.apply({"params": params}, idx), atol=atol)
+    np.testing.assert_allclose(jax.jit(b.apply)({"params": params}, idx),
+                               jax.jit(a.apply)({"params": params}, idx), atol=atol)
 
     def grads(model):
-        return jax.grad(lambda p: model.apply({"params": p}, idx).sum())(params)
+        return jax.jit(jax.grad(lambda p: model.apply({"params": p}, idx).sum()))(params)
 
     for ga, gb in zip(jax.tree.leaves(grads(a)), jax.tree.leaves(grads(b))):
         np.testing.assert_allclose(gb, ga, atol=atol * 10, rtol=1e-3 if dtype == "float32" else 0.1)
