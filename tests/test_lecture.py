@@ -44,7 +44,7 @@ MIXERS = [Head, MultiHeadAttention, CausalSelfAttention, Block]  # modules that 
 
 
 def init(module, x, seed=0):
-    return module.init(jax.random.PRNGKey(seed), x)
+    return jax.jit(module.init)(jax.random.PRNGKey(seed), x)  # one compile, not op by op
 
 def forward(module, variables, x):
     """The module's output; Block and CausalSelfAttention return (y, cache): y."""
