@@ -16,17 +16,17 @@ from configs import shakespeare_cpu
 def get_config():
     c = shakespeare_cpu.get_config()
     c.optimizer = "muon"
-    c.muon_lr = 0.025
+    c.muon_lr = 0.03
     c.muon_ns_coeffs = "polar_express"
     c.muon_ns_steps = 3
     c.muon_momentum = 0.9  # 0.95 (modded-nanogpt's) averages over too many of so few steps
     c.learning_rate = 3e-3  # the AdamW group's peak: 3x the recipe's
     c.beta1 = 0.8  # the AdamW group's momentum averages ~5 steps, not ~10, of so few
     c.min_lr = 3e-4
-    c.max_iters = 460
+    c.max_iters = 440
     c.warmup_iters = 10
     c.decay_shape = "linear"
-    c.eval_interval = 460  # one eval, at the end
+    c.eval_interval = 440  # one eval, at the end
     c.eval_at_start = False
-    c.steps_per_call = 46  # divides 460
+    c.steps_per_call = 44  # divides 440
     return c
